@@ -1,0 +1,48 @@
+"""`nsalign`: the one entry point. Each subcommand lives in its own module and registers here.
+
+Errors the user can fix (`base_model.errors.UserError`) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from base_model.errors import UserError
+
+# (module, description); each module defines add_arguments(parser) and run(args) -> int.
+# Heavy imports happen inside the modules, only for the subcommand actually run.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("alignment.generate", "sample images from a checkpoint (or `tiny`) into a PNG grid"),
+    "rewards": ("rewards.check", "reward-model utilities: `nsalign rewards check CONFIG`"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="nsalign", description="Post-training workbench for NextStep-1.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as e:
+        print(f"nsalign {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nsalign {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

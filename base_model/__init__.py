@@ -1,0 +1,8 @@
+"""NextStep-1 in PyTorch: config, backbone, flow head, VAE, sequences, sampler, checkpoint I/O.
+
+Knows nothing of Ray, DeepSpeed or rewards. Import submodules directly (`base_model.model`, ...).
+"""
+
+from base_model.compat import patch_torchvision
+
+patch_torchvision()

@@ -1,0 +1,150 @@
+"""The flow head's sampler maths as pure functions: time grid, CFG, one head step that both samples
+and scores (sde / ode / cps), counter-based noise, and the flow-matching training targets.
+
+Time runs from noise (t=0) to data (t=1): x_t = t * x1 + (1 - t) * e, velocity v = x1 - e.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+SdeKind = Literal["sde", "ode", "cps"]
+LogProbReduction = Literal["sum", "mean"]
+
+
+def time_grid(num_steps: int, shift: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[K+1] times: linspace(0,1,K+1)[:-1], shifted t/(s-(s-1)t), then 1.0 appended (NextStep hub sampler)."""
+    ts = torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64)[:-1]
+    ts = ts / (shift - (shift - 1.0) * ts)
+    return torch.cat([ts, ts.new_ones(1)]).to(device=device, dtype=torch.float32)
+
+
+def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on the velocity: v_u + scale * (v_c - v_u)."""
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+@dataclass
+class StepResult:
+    x_next: torch.Tensor  # [..., D] the next head state (sampled, or the given one when scoring)
+    log_prob: torch.Tensor  # [...] log pi(x_next | x) under the step's Gaussian (fp32); 0 for ode
+    mean: torch.Tensor  # [..., D] mean of the transition (fp32)
+    std: torch.Tensor  # [...] or scalar: per-dim std of the transition (fp32)
+
+
+def head_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    t: torch.Tensor | float,
+    t_next: torch.Tensor | float,
+    kind: SdeKind = "sde",
+    noise: torch.Tensor | None = None,
+    x_next: torch.Tensor | None = None,
+    reduction: LogProbReduction = "sum",
+    cps_noise_level: float = 0.7,
+) -> StepResult:
+    """One head step x -> x_next that samples (given `noise`) or scores (given `x_next`), never both.
+
+    x, v, noise, x_next: [..., D]; t, t_next: scalars or tensors broadcastable to [..., 1].
+    sde: mu = x + ((1+t) v - x) dt, std^2 = 2 (1-t) dt (Euler-Maruyama; NextStep's sampler).
+         log pi = -||x'-mu||^2 / (2 std^2) - D/2 log(2 pi std^2), summed (exact) or averaged over D.
+    ode: x' = x + v dt, deterministic; log pi reported as 0 (not a stochastic policy).
+    cps: coefficient-preserving step (FlowCPS, arXiv 2509.05952) in our time convention:
+         d = x + (1-t) v, n = x - t v, s = (1-t') sin(a pi/2), x' = t' d + sqrt((1-t')^2 - s^2) n + s eps;
+         log pi := -mean or -sum of (x'-mu)^2 (no division by the variance, as published).
+    """
+    if (noise is None) == (x_next is None):
+        raise ValueError("head_step needs exactly one of noise (to sample) or x_next (to score)")
+    xf, vf = x.float(), v.float()
+    t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
+    t_next = torch.as_tensor(t_next, dtype=torch.float32, device=x.device)
+    if t.ndim > 0:
+        t = t[..., None]
+    if t_next.ndim > 0:
+        t_next = t_next[..., None]
+    dt = t_next - t
+    dim = x.shape[-1]
+    if kind == "sde":
+        mean = xf + ((1 + t) * vf - xf) * dt
+        var = 2.0 * (1.0 - t) * dt
+        std = var.sqrt()
+    elif kind == "ode":
+        mean = xf + vf * dt
+        std = torch.zeros_like(dt)
+    elif kind == "cps":
+        data_est = xf + (1 - t) * vf
+        noise_est = xf - t * vf
+        std = (1 - t_next) * math.sin(cps_noise_level * math.pi / 2)
+        mean = t_next * data_est + ((1 - t_next) ** 2 - std**2).clamp_min(0).sqrt() * noise_est
+    else:
+        raise ValueError(f"unknown sde kind {kind!r}")
+    if x_next is None:
+        x_next_f = mean + std * noise.float()
+    else:
+        x_next_f = x_next.float()
+    sq = (x_next_f - mean) ** 2  # [..., D]
+    if kind == "sde":
+        per_dim = -sq / (2 * var) - 0.5 * torch.log(2 * math.pi * var)
+        log_prob = per_dim.sum(-1) if reduction == "sum" else per_dim.mean(-1)
+    elif kind == "cps":
+        log_prob = -sq.sum(-1) if reduction == "sum" else -sq.mean(-1)
+    else:
+        log_prob = torch.zeros(sq.shape[:-1], dtype=torch.float32, device=x.device)
+    out = x_next_f.to(x.dtype) if x_next is None else x_next
+    return StepResult(x_next=out, log_prob=log_prob, mean=mean, std=std.squeeze(-1) if std.ndim else std)
+
+
+def gaussian_kl_same_std(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu_p, s^2 I) || N(mu_q, s^2 I)) = ||mu_p - mu_q||^2 / (2 s^2). means [..., D], std [...] -> [...]."""
+    return ((mean_p.float() - mean_q.float()) ** 2).sum(-1) / (2 * std.float() ** 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Counter-based noise: every draw is a pure function of (seed, token index, step, dim), so a sample
+# depends only on its own seed, never on the batch it runs in, and no host sync or per-sample
+# generator loop is needed. Hash: "lowbias32" integer mixer; Box-Muller on two 24-bit uniforms.
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """Integer avalanche on values in [0, 2^32) held in int64 (wrapping multiply, then masked)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def counter_noise(seeds: torch.Tensor, token_index: int | torch.Tensor, step: int, dim: int) -> torch.Tensor:
+    """Standard normal noise [B, dim] (fp32) determined by (seed, token_index, step, channel)."""
+    seeds = seeds.to(torch.int64) & _MASK32
+    key = _mix32(seeds ^ 0x9E3779B9)
+    key = _mix32(key ^ (torch.as_tensor(token_index, device=seeds.device, dtype=torch.int64) & _MASK32))
+    key = _mix32(key ^ ((step * 0x85EBCA6B + 0x27D4EB2F) & _MASK32))  # [B]
+    lanes = torch.arange(dim, device=seeds.device, dtype=torch.int64)
+    base = (key[:, None] * 2 * dim + 2 * lanes[None]) & _MASK32  # [B, dim]
+    u1 = ((_mix32(base) >> 8).float() + 0.5) * (1.0 / (1 << 24))  # (0, 1)
+    u2 = ((_mix32(base + 1) >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow-matching training targets.
+
+
+def flow_matching_inputs(
+    x1: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x1, noise [..., D], t [...] -> (x_t = t x1 + (1-t) e, target v = x1 - e)."""
+    tt = t[..., None].to(x1.dtype)
+    return tt * x1 + (1 - tt) * noise, x1 - noise
+
+
+def sample_logit_normal(shape: tuple[int, ...], generator: torch.Generator | None = None, device="cpu"):
+    """t = sigmoid(N(0, 1)): the logit-normal training time distribution."""
+    return torch.sigmoid(torch.randn(shape, generator=generator, device=device))

@@ -1,0 +1,58 @@
+"""Text -> images: prompt batches, the KV-cache sampler, VAE decoding, in chunks of a fixed size."""
+
+from __future__ import annotations
+
+import torch
+
+from base_model.checkpoint import NextStepBundle
+from base_model.sampler import SampleResult, SamplingConfig, sample_tokens
+from base_model.sequence import build_prompt_batch
+from base_model.vae import to_uint8
+
+
+@torch.no_grad()
+def decode_tokens(bundle: NextStepBundle, tokens: torch.Tensor, image_size: int) -> torch.Tensor:
+    """tokens [B, T, 64] -> uint8 images [B, 3, S, S] on CPU."""
+    grid = (image_size // 16, image_size // 16)
+    vae = bundle.vae
+    dtype = next(vae.parameters()).dtype
+    images = vae.decode(tokens.to(device=next(vae.parameters()).device, dtype=dtype), grid)
+    return to_uint8(images.float()).cpu()
+
+
+def sample_prompts(
+    bundle: NextStepBundle,
+    prompts: list[str],
+    seeds: list[int] | torch.Tensor,
+    sampling: SamplingConfig,
+    record_chains: bool = False,
+    progress: bool = False,
+) -> SampleResult:
+    """Tokens (and optionally chains / log-probs) for prompts[i] with seeds[i]."""
+    batch = build_prompt_batch(
+        bundle.tokenizer, bundle.ids, prompts, (sampling.image_size, sampling.image_size),
+        with_uncond=sampling.uses_cfg, negative_prompt=sampling.negative_prompt,
+    )  # fmt: skip
+    seeds = torch.as_tensor(seeds, dtype=torch.int64)
+    return sample_tokens(bundle.model, batch, seeds, sampling, record_chains=record_chains, progress=progress)
+
+
+def generate_images(
+    bundle: NextStepBundle,
+    prompts: list[str],
+    seeds: list[int],
+    sampling: SamplingConfig,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> torch.Tensor:
+    """uint8 [N, 3, S, S] for prompts[i] with seeds[i], sampled `batch_size` at a time."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        res = sample_prompts(
+            bundle, prompts[start : start + batch_size], seeds[start : start + batch_size], sampling,
+            progress=progress,
+        )  # fmt: skip
+        out.append(decode_tokens(bundle, res.tokens, sampling.image_size))
+    return torch.cat(out, dim=0)

@@ -1,0 +1,159 @@
+"""Batched KV-cache sampler for NextStep-1.
+
+One backbone pass over the prompts, then token by token: the flow head runs K SDE steps for all
+samples at once (both CFG branches in one batch, same x), the token is fed back through
+image_in_projector, and one backbone step extends the preallocated cache. Per step there is no host
+sync and no Python work that grows with the batch; all noise comes from `counter_noise(seed, token,
+step)`, so a sample's result depends only on (prompt, seed, settings, weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from base_model.flow import LogProbReduction, SdeKind, cfg_velocity, counter_noise, head_step, time_grid
+from base_model.model import KVCache, NextStepModel
+from base_model.sequence import PromptBatch
+
+INIT_NOISE_STEP = 0  # counter_noise stream of x^0; head step k uses stream k + 1
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    image_size: int = 512  # pixels per side (square images)
+    cfg_scale: float = 7.5  # guidance on the head velocity; 1.0 disables the uncond branch
+    num_head_steps: int = 50  # K flow-head steps per image token
+    timestep_shift: float = 1.0
+    sde_kind: SdeKind = "sde"  # sde: published Euler-Maruyama; ode: deterministic; cps: FlowCPS
+    use_norm: bool = True  # LayerNorm (no affine) over each sampled token before feeding it back
+    cps_noise_level: float = 0.7  # `a` of the CPS step, s = (1 - t') sin(a pi / 2)
+    negative_prompt: str = ""
+    logprob_reduction: LogProbReduction = "sum"  # sum over the 64 dims (exact) or mean
+
+    def validate(self, where: str = "sampling") -> None:
+        from base_model.errors import ConfigError
+
+        if self.image_size <= 0 or self.image_size % 16:
+            raise ConfigError(f"{where}.image_size: {self.image_size} is not a positive multiple of 16")
+        if self.num_head_steps < 1:
+            raise ConfigError(f"{where}.num_head_steps: must be >= 1, got {self.num_head_steps}")
+        if self.timestep_shift <= 0:
+            raise ConfigError(f"{where}.timestep_shift: must be > 0, got {self.timestep_shift}")
+        if not 0.0 <= self.cps_noise_level <= 1.0:
+            raise ConfigError(f"{where}.cps_noise_level: must be in [0, 1], got {self.cps_noise_level}")
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.cfg_scale != 1.0
+
+
+@dataclass
+class SampleResult:
+    tokens: torch.Tensor  # [B, T, 64] fp32 tokens as fed back (after use_norm); decode these
+    chains: torch.Tensor | None  # [B, T, K+1, 64] fp32 head states x^0..x^K (RL only)
+    log_probs: torch.Tensor | None  # [B, T, K] fp32 log pi(x^{k+1} | x^k) under the sampling policy
+
+
+def token_norm(x: torch.Tensor) -> torch.Tensor:
+    """use_norm: LayerNorm without affine (eps 1e-6) over the 64-d token."""
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+def guided_velocity(
+    model: NextStepModel, x: torch.Tensor, t: float, cond: torch.Tensor, cfg_scale: float
+) -> torch.Tensor:
+    """x [B, 64]; cond [R, H] with R = B or 2B ([cond | uncond]) -> CFG velocity [B, 64] fp32."""
+    b, r = x.shape[0], cond.shape[0]
+    xx = x if r == b else torch.cat([x, x], dim=0)
+    tt = torch.full((r,), t, dtype=torch.float32, device=x.device)
+    v = model.velocity(xx, tt, cond)
+    return v if r == b else cfg_velocity(v[:b], v[b:], cfg_scale)
+
+
+def sample_token(
+    model: NextStepModel,
+    cond: torch.Tensor,
+    seeds: torch.Tensor,
+    token_index: int,
+    grid: list[float],
+    cfg: SamplingConfig,
+    record: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Run the K head steps for one image token of every sample.
+
+    cond [R, H]; seeds [B] -> (x^K [B, 64] fp32, chain [B, K+1, 64] | None, log_probs [B, K] | None).
+    """
+    dim = model.config.token_dim
+    x = counter_noise(seeds, token_index, INIT_NOISE_STEP, dim)  # [B, 64]
+    chain, logps = ([x], []) if record else (None, None)
+    for k in range(len(grid) - 1):
+        v = guided_velocity(model, x, grid[k], cond, cfg.cfg_scale)
+        eps = counter_noise(seeds, token_index, k + 1, dim)
+        step = head_step(
+            x, v, grid[k], grid[k + 1], cfg.sde_kind, noise=eps,
+            reduction=cfg.logprob_reduction, cps_noise_level=cfg.cps_noise_level,
+        )  # fmt: skip
+        x = step.x_next
+        if record:
+            chain.append(x)
+            logps.append(step.log_prob)
+    if not record:
+        return x, None, None
+    return x, torch.stack(chain, dim=1), torch.stack(logps, dim=1)
+
+
+@torch.no_grad()
+def sample_tokens(
+    model: NextStepModel,
+    batch: PromptBatch,
+    seeds: torch.Tensor,
+    cfg: SamplingConfig,
+    record_chains: bool = False,
+    progress: bool = False,
+) -> SampleResult:
+    """Generate every image token of every prompt in `batch` (seeds [B] int64, one per prompt row)."""
+    device = model.device
+    batch = batch.to(device)
+    seeds = seeds.to(device)
+    if batch.has_uncond != cfg.uses_cfg and cfg.uses_cfg:
+        raise ValueError("cfg_scale != 1 needs a prompt batch built with_uncond=True")
+    rows, prompt_len, num_tokens = batch.input_ids.shape[0], batch.prompt_len, batch.num_image_tokens
+    b = batch.num_prompts
+    max_len = prompt_len + num_tokens
+    cache = KVCache(model.config, rows, max_len, model.dtype, device)
+    key_valid = torch.ones((rows, max_len), dtype=torch.bool, device=device)
+    key_valid[:, :prompt_len] = batch.attention_mask
+    grid = time_grid(cfg.num_head_steps, cfg.timestep_shift).tolist()  # python floats: no device syncs
+
+    all_positions = torch.arange(max_len, device=device)
+    hidden = model.backbone(model.embed(batch.input_ids), key_valid, all_positions[:prompt_len], cache)
+    cond = model.image_condition(hidden[:, -1])  # [R, H]
+
+    tokens, chains, logps = [], [], []
+    steps = range(num_tokens)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="image tokens", leave=False)
+    for j in steps:
+        x, chain, logp = sample_token(model, cond, seeds, j, grid, cfg, record_chains)
+        y = token_norm(x) if cfg.use_norm else x  # [B, 64]
+        tokens.append(y)
+        if record_chains:
+            chains.append(chain)
+            logps.append(logp)
+        if j == num_tokens - 1:
+            break
+        emb = model.image_in_projector(y.to(model.dtype))  # [B, H]
+        emb = emb if rows == b else torch.cat([emb, emb], dim=0)
+        pos = all_positions[prompt_len + j : prompt_len + j + 1]
+        hidden = model.backbone(emb[:, None], key_valid, pos, cache)
+        cond = model.image_condition(hidden[:, -1])
+    return SampleResult(
+        tokens=torch.stack(tokens, dim=1),
+        chains=torch.stack(chains, dim=1) if record_chains else None,
+        log_probs=torch.stack(logps, dim=1) if record_chains else None,
+    )

@@ -1,0 +1,161 @@
+"""Teacher-forced passes over finished sequences: SFT losses, per-image flow-matching errors (the
+building block of Diffusion-DPO) and the parallel re-scoring of recorded head chains (RL).
+
+Hidden state at position p conditions token p+1, so image token j is conditioned by the position
+just before its placeholder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from base_model.flow import cfg_velocity, flow_matching_inputs, head_step, sample_logit_normal, time_grid
+from base_model.model import NextStepModel
+from base_model.sampler import SamplingConfig
+from base_model.sequence import PromptBatch, append_image_block
+from base_model.tokenizer import SpecialIds
+
+
+@dataclass
+class TeacherForced:
+    image_cond: torch.Tensor  # [R, T, H] head condition image_out_projector(h_j) for every image token
+    text_ce: torch.Tensor  # [] mean next-token cross-entropy over text targets (0 when there are none)
+    num_text_targets: int
+
+
+def teacher_forced(
+    model: NextStepModel,
+    batch: PromptBatch,
+    ids: SpecialIds,
+    tokens: torch.Tensor,
+    compute_text_ce: bool = False,
+) -> TeacherForced:
+    """One parallel pass over prompt + image block. tokens [B, T, 64] (repeated for uncond rows)."""
+    batch = batch.to(model.device)
+    input_ids, mask = append_image_block(batch, ids)
+    rows, t = input_ids.shape[0], batch.num_image_tokens
+    img = tokens if rows == tokens.shape[0] else torch.cat([tokens, tokens], dim=0)
+    hidden = model.forward_sequence(input_ids, mask, img.to(model.device))  # [R, L+T+1, H]
+    start = batch.prompt_len  # index of the first placeholder
+    cond = model.image_condition(hidden[:, start - 1 : start - 1 + t])  # [R, T, H]
+    text_ce, n_text = hidden.new_zeros((), dtype=torch.float32), 0
+    if compute_text_ce:
+        # targets: real (unpadded) text tokens at positions 1..L-1 plus <|end_of_image|>
+        targets = input_ids[:, 1:]
+        is_text = mask[:, 1:] & mask[:, :-1] & (targets != ids.placeholder)  # [R, L+T]
+        n_text = int(is_text.sum())
+        if n_text:
+            logits = model.lm_head(hidden[:, :-1][is_text])  # [N_text, V]
+            text_ce = F.cross_entropy(logits.float(), targets[is_text])
+    return TeacherForced(image_cond=cond, text_ce=text_ce, num_text_targets=n_text)
+
+
+def flow_errors(
+    model: NextStepModel, cond: torch.Tensor, tokens: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """Per-token flow-matching error ||head(x_t, t, c) - (y - e)||^2 / D for given (t, e).
+
+    cond [N, T, H]; tokens, noise [N, T, 64]; t [N, T] -> [N, T] fp32.
+    """
+    x_t, target = flow_matching_inputs(tokens.float(), t.float(), noise.float())
+    n, tt, d = tokens.shape
+    v = model.velocity(x_t.reshape(-1, d), t.reshape(-1), cond.reshape(n * tt, -1))
+    return ((v - target.reshape(-1, d)) ** 2).mean(-1).reshape(n, tt)
+
+
+def per_image_flow_error(
+    model: NextStepModel, cond: torch.Tensor, tokens: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """Diffusion-DPO's l(y): the mean over tokens of `flow_errors`. -> [N] fp32."""
+    return flow_errors(model, cond, tokens, t, noise).mean(-1)
+
+
+def flow_matching_loss(
+    model: NextStepModel,
+    cond: torch.Tensor,
+    tokens: torch.Tensor,
+    batch_mul: int = 4,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Training FM loss: every token repeated `batch_mul` times with t ~ logit-normal, e ~ N(0, I).
+
+    cond [N, T, H]; tokens [N, T, 64] -> scalar (mean over tokens, repeats and dims).
+    """
+    cond_r = cond.repeat_interleave(batch_mul, dim=0)
+    tok_r = tokens.repeat_interleave(batch_mul, dim=0).float()
+    t = sample_logit_normal(tok_r.shape[:2], generator=generator, device="cpu").to(tok_r.device)
+    noise = torch.randn(tok_r.shape, generator=generator, device="cpu").to(tok_r.device)
+    return flow_errors(model, cond_r, tok_r, t, noise).mean()
+
+
+@dataclass
+class SftLoss:
+    loss: torch.Tensor  # [] lm_loss_weight * text CE + im_loss_weight * FM
+    text_ce: torch.Tensor
+    flow_matching: torch.Tensor
+
+
+def sft_loss(
+    model: NextStepModel,
+    batch: PromptBatch,
+    ids: SpecialIds,
+    tokens: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> SftLoss:
+    """NextStep-1's training loss on (caption, image tokens) pairs: 0.01 CE(text) + 1.0 FM(image)."""
+    if batch.has_uncond:
+        raise ValueError("SFT batches carry no unconditional rows")
+    out = teacher_forced(model, batch, ids, tokens, compute_text_ce=True)
+    fm = flow_matching_loss(model, out.image_cond, tokens, model.config.fm_head_batch_mul, generator)
+    cfg = model.config
+    loss = cfg.lm_loss_weight * out.text_ce + cfg.im_loss_weight * fm
+    return SftLoss(loss=loss, text_ce=out.text_ce.detach(), flow_matching=fm.detach())
+
+
+@dataclass
+class ChainScores:
+    log_probs: torch.Tensor  # [B, T, K] log pi_theta(x^{k+1} | x^k), fp32
+    means: torch.Tensor  # [B, T, K, 64] transition means (for the KL to a reference)
+    stds: torch.Tensor  # [K] transition stds
+
+
+def score_chains(
+    model: NextStepModel,
+    batch: PromptBatch,
+    ids: SpecialIds,
+    tokens: torch.Tensor,
+    chains: torch.Tensor,
+    cfg: SamplingConfig,
+) -> ChainScores:
+    """Re-score recorded head chains with ONE teacher-forced pass (gradients flow when enabled).
+
+    tokens [B, T, 64] (as fed back); chains [B, T, K+1, 64]. CFG is used iff `batch.has_uncond`
+    (NextStep-1.1 trains without CFG: pass a batch built with_uncond=False).
+    """
+    tf = teacher_forced(model, batch, ids, tokens)
+    b, t, k1, d = chains.shape
+    k = k1 - 1
+    grid = time_grid(k, cfg.timestep_shift, device=chains.device)  # [K+1]
+    x = chains[:, :, :k].reshape(-1, d)  # [B*T*K, 64]
+    x_next = chains[:, :, 1:].reshape(-1, d)
+    ts = grid[:k].repeat(b * t)  # [B*T*K]
+    ts_next = grid[1:].repeat(b * t)
+
+    def cond_rows(c: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B*T*K, H]
+        return c[:, :, None].expand(-1, -1, k, -1).reshape(b * t * k, -1)
+
+    v = model.velocity(x, ts, cond_rows(tf.image_cond[:b]))
+    if batch.has_uncond:
+        v_u = model.velocity(x, ts, cond_rows(tf.image_cond[b:]))
+        v = cfg_velocity(v, v_u, cfg.cfg_scale)
+    step = head_step(
+        x, v, ts, ts_next, cfg.sde_kind, x_next=x_next,
+        reduction=cfg.logprob_reduction, cps_noise_level=cfg.cps_noise_level,
+    )  # fmt: skip
+    stds = step.std.reshape(b, t, k)[0, 0] if step.std.ndim else step.std.expand(k)
+    return ChainScores(
+        log_probs=step.log_prob.reshape(b, t, k), means=step.mean.reshape(b, t, k, d), stds=stds
+    )

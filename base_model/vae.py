@@ -1,0 +1,439 @@
+"""NextStep-1 image tokenizer: the FLUX.1 autoencoder plus 2x2 patchify and per-token LayerNorm.
+
+images [B, 3, H, W] in [-1, 1] -> latent [B, 16, H/8, W/8] -> tokens [B, (H/16)*(W/16), 64].
+Module and parameter names follow the original LDM/FLUX code (`encoder.down.0.block.0.norm1.weight`,
+`decoder.up.3.upsample.conv.weight`), so the published `vae/checkpoint.pt` loads without renaming.
+
+Departures from the official code: none in the maths. As there, the "channel-wise normalization"
+(LayerNorm without affine over each 64-d token) is applied to the posterior *mean*; a posterior
+sample adds exp(logvar / 2) * eps to the normalised mean (diffusers' DiagonalGaussianDistribution
+order). `(z - shift_factor) * scaling_factor` is applied inside `encode_latent` / undone in `decode`
+rather than by the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from base_model.errors import CheckpointError, ConfigError
+from base_model.schema import from_dict
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "checkpoint.pt"
+
+
+@dataclass
+class VAEConfig:
+    """Fields of the published `vae/config.json` (plus `norm_groups`)."""
+
+    resolution: int = 256
+    in_channels: int = 3
+    ch: int = 128
+    out_ch: int = 3
+    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    deterministic: bool = False  # True: a posterior "sample" is its mean
+    encoder_norm: bool = True  # per-token LayerNorm of the latent at encode time
+    psz: int = 2  # latent patch size: a token is psz x psz latent pixels
+    norm_groups: int = 32  # GroupNorm groups (ours; FLUX hard-codes 32)
+
+    def validate(self, where: str = "vae config") -> None:
+        if not self.ch_mult or any(m <= 0 for m in self.ch_mult):
+            raise ConfigError(
+                f"{where}.ch_mult: expected a non-empty list of positive ints, got {self.ch_mult}"
+            )
+        for name in ("ch", "num_res_blocks", "z_channels", "psz", "norm_groups", "in_channels", "out_ch"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}.{name}: must be positive, got {getattr(self, name)}")
+        if any((self.ch * m) % self.norm_groups for m in self.ch_mult):
+            raise ConfigError(f"{where}.norm_groups: {self.norm_groups} does not divide every ch * ch_mult")
+        if self.scaling_factor == 0:
+            raise ConfigError(f"{where}.scaling_factor: must be non-zero")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent pixel along one side (8 for FLUX)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def token_dim(self) -> int:
+        """Width of one image token: z_channels * psz * psz (64 for NextStep-1)."""
+        return self.z_channels * self.psz * self.psz
+
+    @classmethod
+    def from_json_dict(cls, d: dict, where: str = "vae config") -> VAEConfig:
+        """Parse a published config.json; keys meant for other loaders (latent_channels, ...) are ignored."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return from_dict(cls, {k: v for k, v in d.items() if k in known}, where=where)
+
+    def to_json_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def vae_preset(name: str) -> VAEConfig:
+    """'flux': the published sizes (83.8M parameters); 'tiny': a CPU-test model with the same layout."""
+    if name == "flux":
+        return VAEConfig()
+    if name == "tiny":
+        return VAEConfig(ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1)
+    raise ConfigError(f"unknown VAE preset '{name}' (known: flux, tiny)")
+
+
+# ---------------------------------------------------------------- pure functions
+
+
+def patchify(latent: torch.Tensor, p: int = 2) -> torch.Tensor:
+    """latent [B, C, H', W'] -> tokens [B, (H'/p)*(W'/p), C*p*p]; token element c*p*p + py*p + px."""
+    b, c, hp, wp = latent.shape
+    if hp % p or wp % p:
+        raise ValueError(f"latent size {hp}x{wp} is not divisible by patch size {p}")
+    h, w = hp // p, wp // p
+    x = latent.reshape(b, c, h, p, w, p)  # [B, C, h, py, w, px]
+    x = x.permute(0, 2, 4, 1, 3, 5)  # [B, h, w, C, py, px]
+    return x.reshape(b, h * w, c * p * p)
+
+
+def unpatchify(tokens: torch.Tensor, grid_hw: tuple[int, int], channels: int, p: int = 2) -> torch.Tensor:
+    """tokens [B, h*w, C*p*p] -> latent [B, C, h*p, w*p]; inverse of `patchify`."""
+    b, n, d = tokens.shape
+    h, w = grid_hw
+    if n != h * w or d != channels * p * p:
+        raise ValueError(f"tokens {tuple(tokens.shape)} do not fit grid {h}x{w} with {channels}x{p}x{p}")
+    x = tokens.reshape(b, h, w, channels, p, p)  # [B, h, w, C, py, px]
+    x = x.permute(0, 3, 1, 4, 2, 5)  # [B, C, h, py, w, px]
+    return x.reshape(b, channels, h * p, w * p)
+
+
+def token_layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm without affine over the last dim: x [..., D] -> [..., D], zero mean, unit variance."""
+    return F.layer_norm(x, x.shape[-1:], None, None, eps)
+
+
+def perturb_latent(z: torch.Tensor, gamma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """sigma-VAE noise for tokenizer training: z [B, ...] + U(0, gamma) (one per sample) * N(0, I)."""
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if gamma == 0:
+        return z
+    shape = (z.shape[0],) + (1,) * (z.dim() - 1)
+    sigma = torch.rand(shape, generator=generator, device=z.device, dtype=z.dtype) * gamma  # [B, 1, ...]
+    noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+    return z + sigma * noise
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """images [B, 3, H, W] in [-1, 1] -> uint8 [B, 3, H, W] in [0, 255]."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def swish(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x)
+
+
+def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """norm1, swish, conv1, norm2, swish, conv2, plus a residual (1x1 nin_shortcut if widths differ)."""
+
+    def __init__(self, in_ch: int, out_ch: int, groups: int):
+        super().__init__()
+        self.norm1 = _group_norm(in_ch, groups)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = _group_norm(out_ch, groups)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(swish(self.norm2(h)))
+        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return skip + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the h*w positions, with 1x1-conv projections."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.norm = _group_norm(ch, groups)
+        self.q = nn.Conv2d(ch, ch, 1)
+        self.k = nn.Conv2d(ch, ch, 1)
+        self.v = nn.Conv2d(ch, ch, 1)
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.norm(x)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(b, 1, c, h * w).transpose(2, 3)  # [B, 1, h*w, C]
+
+        out = F.scaled_dot_product_attention(heads(self.q(y)), heads(self.k(y)), heads(self.v(y)))
+        out = out.transpose(2, 3).reshape(b, c, h, w)  # [B, C, h, w]
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    """Zero-pad right and bottom by one, then a 3x3 stride-2 conv: [B, C, H, W] -> [B, C, H/2, W/2]."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest x2, then a 3x3 conv: [B, C, H, W] -> [B, C, 2H, 2W]."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class MidBlock(nn.Module):
+    """block_1, attn_1, block_2 at the lowest resolution."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(ch, ch, groups)
+        self.attn_1 = AttnBlock(ch, groups)
+        self.block_2 = ResnetBlock(ch, ch, groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Level(nn.Module):
+    """One resolution level: `block` (res blocks) and an optional `downsample` or `upsample`."""
+
+    def __init__(self, widths: list[int], groups: int, resample: nn.Module | None, resample_name: str):
+        super().__init__()
+        self.block = nn.ModuleList(ResnetBlock(a, b, groups) for a, b in zip(widths[:-1], widths[1:]))
+        self.resample_name = resample_name if resample is not None else None
+        if resample is not None:
+            self.add_module(resample_name, resample)  # the published key names it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.block:
+            x = blk(x)
+        return x if self.resample_name is None else getattr(self, self.resample_name)(x)
+
+
+class Encoder(nn.Module):
+    """images [B, 3, H, W] -> moments [B, 2*z_channels, H/8, W/8] (mean then logvar)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        g, last = cfg.norm_groups, len(cfg.ch_mult) - 1
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        width = cfg.ch
+        for i, mult in enumerate(cfg.ch_mult):
+            out = cfg.ch * mult
+            widths = [width] + [out] * cfg.num_res_blocks
+            self.down.append(Level(widths, g, Downsample(out) if i != last else None, "downsample"))
+            width = out
+        self.mid = MidBlock(width, g)
+        self.norm_out = _group_norm(width, g)
+        self.conv_out = nn.Conv2d(width, 2 * cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)  # [B, ch, H, W]
+        for level in self.down:
+            h = level(h)  # last level: [B, ch*ch_mult[-1], H/8, W/8]
+        h = self.mid(h)
+        return self.conv_out(swish(self.norm_out(h)))  # [B, 2*z, H/8, W/8]
+
+
+class Decoder(nn.Module):
+    """latent [B, z_channels, H/8, W/8] -> images [B, 3, H, W]; `up[0]` is the highest resolution."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        g = cfg.norm_groups
+        width = cfg.ch * cfg.ch_mult[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, width, 3, padding=1)
+        self.mid = MidBlock(width, g)
+        levels: list[Level] = []
+        for i in reversed(range(len(cfg.ch_mult))):  # built from the lowest resolution up
+            out = cfg.ch * cfg.ch_mult[i]
+            widths = [width] + [out] * (cfg.num_res_blocks + 1)
+            levels.append(Level(widths, g, Upsample(out) if i != 0 else None, "upsample"))
+            width = out
+        self.up = nn.ModuleList(reversed(levels))  # indexed by level, 0 = highest resolution
+        self.norm_out = _group_norm(width, g)
+        self.conv_out = nn.Conv2d(width, cfg.out_ch, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))  # [B, ch*ch_mult[-1], H/8, W/8]
+        for level in reversed(self.up):
+            h = level(h)  # up[0]: [B, ch, H, W]
+        return self.conv_out(swish(self.norm_out(h)))  # [B, 3, H, W]
+
+
+# ---------------------------------------------------------------- the tokenizer
+
+
+class NextStepVAE(nn.Module):
+    """FLUX.1 autoencoder with NextStep-1's token view: images <-> tokens [B, h*w, 64]."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    def encode_latent(
+        self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> model latent (z - shift) * scale [B, 16, H/8, W/8]."""
+        cfg = self.config
+        side = cfg.downsample_factor * cfg.psz
+        if images.shape[-2] % side or images.shape[-1] % side:
+            raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of {side}")
+        mean, logvar = self.encoder(images).chunk(2, dim=1)  # 2 x [B, 16, H/8, W/8]
+        if cfg.encoder_norm:
+            grid = (mean.shape[-2] // cfg.psz, mean.shape[-1] // cfg.psz)
+            tokens = token_layer_norm(patchify(mean, cfg.psz))  # [B, h*w, 64]
+            mean = unpatchify(tokens, grid, cfg.z_channels, cfg.psz)
+        z = mean
+        if sample and not cfg.deterministic:
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            z = mean + std * noise
+        return (z - cfg.shift_factor) * cfg.scaling_factor
+
+    def encode(
+        self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> tokens [B, (H/16)*(W/16), 64]."""
+        return patchify(self.encode_latent(images, sample=sample, generator=generator), self.config.psz)
+
+    def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """model latent [B, 16, H/8, W/8] -> images [B, 3, H, W] in about [-1, 1]."""
+        cfg = self.config
+        return self.decoder(z / cfg.scaling_factor + cfg.shift_factor)
+
+    def decode(self, tokens: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+        """tokens [B, h*w, 64] on an h x w grid -> images [B, 3, 16h, 16w] in about [-1, 1]."""
+        cfg = self.config
+        return self.decode_latent(unpatchify(tokens, grid_hw, cfg.z_channels, cfg.psz))
+
+
+# ---------------------------------------------------------------- checkpoint I/O
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_vae(vae: NextStepVAE, directory: str | Path) -> Path:
+    """Write directory/checkpoint.pt (plain state dict) and directory/config.json, each atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
+    _atomic_write(directory / WEIGHTS_NAME, lambda f: torch.save(state, f))
+    text = json.dumps(vae.config.to_json_dict(), indent=2, sort_keys=True) + "\n"
+    _atomic_write(directory / CONFIG_NAME, lambda f: f.write(text.encode("utf-8")))
+    return directory
+
+
+def _read_config(path: Path) -> VAEConfig:
+    if not path.is_file():
+        raise CheckpointError(f"VAE config not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    try:
+        return VAEConfig.from_json_dict(data, where=str(path))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"VAE weights not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated / foreign files
+        raise CheckpointError(
+            f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+    return state
+
+
+def _check_state_dict(path: Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    missing = [k for k in expected if k not in state]
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise CheckpointError(f"{path}: {len(missing)} missing keys: {shown}")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        shown = ", ".join(unexpected[:3]) + (", ..." if len(unexpected) > 3 else "")
+        raise CheckpointError(f"{path}: {len(unexpected)} unexpected keys: {shown}")
+    for key, want in expected.items():
+        if state[key].shape != want.shape:
+            raise CheckpointError(
+                f"{path}: shape mismatch for {key}: "
+                f"expected {tuple(want.shape)}, found {tuple(state[key].shape)}"
+            )
+
+
+def load_vae(
+    directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> NextStepVAE:
+    """Read directory/config.json + directory/checkpoint.pt (published layout) into a NextStepVAE."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"VAE directory not found: {directory}")
+    config = _read_config(directory / CONFIG_NAME)
+    path = directory / WEIGHTS_NAME
+    state = _read_state_dict(path)
+    with torch.device("meta"):
+        vae = NextStepVAE(config)
+    _check_state_dict(path, state, vae.state_dict())
+    vae.load_state_dict(state, strict=True, assign=True)
+    return vae.to(device=device, dtype=dtype)

@@ -67,7 +67,6 @@ def head_step(
     if t_next.ndim > 0:
         t_next = t_next[..., None]
     dt = t_next - t
-    dim = x.shape[-1]
     if kind == "sde":
         mean = xf + ((1 + t) * vf - xf) * dt
         var = 2.0 * (1.0 - t) * dt
@@ -137,9 +136,7 @@ def counter_noise(seeds: torch.Tensor, token_index: int | torch.Tensor, step: in
 # Flow-matching training targets.
 
 
-def flow_matching_inputs(
-    x1: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def flow_matching_inputs(x1: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x1, noise [..., D], t [...] -> (x_t = t x1 + (1-t) e, target v = x1 - e)."""
     tt = t[..., None].to(x1.dtype)
     return tt * x1 + (1 - tt) * noise, x1 - noise

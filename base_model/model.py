@@ -73,6 +73,7 @@ class NextStepModel(nn.Module):
 
     def place(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> NextStepModel:
         """Move/cast the model; the RoPE inverse frequencies are rebuilt in fp32 (a bf16 cast would round them)."""
+        self.rotary_emb = Qwen2RotaryEmbedding(config=self.config)  # may still be on meta after loading
         self.to(device=device, dtype=dtype)
         self.rotary_emb = Qwen2RotaryEmbedding(config=self.config, device=self.embed_tokens.weight.device)
         return self

@@ -156,6 +156,4 @@ def score_chains(
         reduction=cfg.logprob_reduction, cps_noise_level=cfg.cps_noise_level,
     )  # fmt: skip
     stds = step.std.reshape(b, t, k)[0, 0] if step.std.ndim else step.std.expand(k)
-    return ChainScores(
-        log_probs=step.log_prob.reshape(b, t, k), means=step.mean.reshape(b, t, k, d), stds=stds
-    )
+    return ChainScores(log_probs=step.log_prob.reshape(b, t, k), means=step.mean.reshape(b, t, k, d), stds=stds)

@@ -53,9 +53,7 @@ class VAEConfig:
 
     def validate(self, where: str = "vae config") -> None:
         if not self.ch_mult or any(m <= 0 for m in self.ch_mult):
-            raise ConfigError(
-                f"{where}.ch_mult: expected a non-empty list of positive ints, got {self.ch_mult}"
-            )
+            raise ConfigError(f"{where}.ch_mult: expected a non-empty list of positive ints, got {self.ch_mult}")
         for name in ("ch", "num_res_blocks", "z_channels", "psz", "norm_groups", "in_channels", "out_ch"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}.{name}: must be positive, got {getattr(self, name)}")
@@ -392,9 +390,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated / foreign files
-        raise CheckpointError(
-            f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})"
-        ) from None
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -417,8 +413,7 @@ def _check_state_dict(path: Path, state: dict[str, torch.Tensor], expected: dict
     for key, want in expected.items():
         if state[key].shape != want.shape:
             raise CheckpointError(
-                f"{path}: shape mismatch for {key}: "
-                f"expected {tuple(want.shape)}, found {tuple(state[key].shape)}"
+                f"{path}: shape mismatch for {key}: expected {tuple(want.shape)}, found {tuple(state[key].shape)}"
             )
 
 

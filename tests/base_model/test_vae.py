@@ -120,9 +120,7 @@ def test_scaling_and_shift_applied_to_latent(tiny_vae):
     with torch.no_grad():
         plain, z = tiny_vae.encode_latent(images), scaled.encode_latent(images)
         torch.testing.assert_close(z, (plain - 0.5) * 2.0)
-        torch.testing.assert_close(
-            scaled.decode_latent(z), tiny_vae.decode_latent(plain), atol=1e-5, rtol=1e-5
-        )
+        torch.testing.assert_close(scaled.decode_latent(z), tiny_vae.decode_latent(plain), atol=1e-5, rtol=1e-5)
 
 
 def test_sampling_is_seeded_and_deterministic_flag_returns_mean(tiny_vae):

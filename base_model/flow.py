@@ -119,17 +119,25 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def counter_noise(seeds: torch.Tensor, token_index: int | torch.Tensor, step: int, dim: int) -> torch.Tensor:
-    """Standard normal noise [B, dim] (fp32) determined by (seed, token_index, step, channel)."""
+def counter_noise(
+    seeds: torch.Tensor, token_index: int | torch.Tensor, step: int | torch.Tensor, dim: int
+) -> torch.Tensor:
+    """Standard normal noise determined by (seed, token_index, step, channel), fp32.
+
+    seeds [B]; step an int -> [B, dim], or a [S] tensor of steps -> [B, S, dim] (one call per token
+    draws the noise of all its head steps).
+    """
     seeds = seeds.to(torch.int64) & _MASK32
+    steps = torch.as_tensor(step, device=seeds.device, dtype=torch.int64)
     key = _mix32(seeds ^ 0x9E3779B9)
     key = _mix32(key ^ (torch.as_tensor(token_index, device=seeds.device, dtype=torch.int64) & _MASK32))
-    key = _mix32(key ^ ((step * 0x85EBCA6B + 0x27D4EB2F) & _MASK32))  # [B]
+    key = _mix32(key[:, None] ^ ((steps.reshape(-1) * 0x85EBCA6B + 0x27D4EB2F) & _MASK32))  # [B, S]
     lanes = torch.arange(dim, device=seeds.device, dtype=torch.int64)
-    base = (key[:, None] * 2 * dim + 2 * lanes[None]) & _MASK32  # [B, dim]
+    base = (key[..., None] * 2 * dim + 2 * lanes) & _MASK32  # [B, S, dim]
     u1 = ((_mix32(base) >> 8).float() + 0.5) * (1.0 / (1 << 24))  # (0, 1)
     u2 = ((_mix32(base + 1) >> 8).float() + 0.5) * (1.0 / (1 << 24))
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+    return z if steps.ndim else z[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------

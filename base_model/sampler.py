@@ -86,12 +86,14 @@ def sample_token(
 
     cond [R, H]; seeds [B] -> (x^K [B, 64] fp32, chain [B, K+1, 64] | None, log_probs [B, K] | None).
     """
-    dim = model.config.token_dim
-    x = counter_noise(seeds, token_index, INIT_NOISE_STEP, dim)  # [B, 64]
+    num_steps = len(grid) - 1
+    # streams 0..K of this token: x^0, then the noise of each step
+    noise = counter_noise(seeds, token_index, torch.arange(num_steps + 1), model.config.token_dim)  # [B, K+1, 64]
+    x = noise[:, INIT_NOISE_STEP]
     chain, logps = ([x], []) if record else (None, None)
-    for k in range(len(grid) - 1):
+    for k in range(num_steps):
         v = guided_velocity(model, x, grid[k], cond, cfg.cfg_scale)
-        eps = counter_noise(seeds, token_index, k + 1, dim)
+        eps = noise[:, INIT_NOISE_STEP + 1 + k]
         step = head_step(
             x, v, grid[k], grid[k + 1], cfg.sde_kind, noise=eps,
             reduction=cfg.logprob_reduction, cps_noise_level=cfg.cps_noise_level,

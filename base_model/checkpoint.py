@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from base_model.config import NextStepConfig, preset_config
-from base_model.errors import CheckpointError
+from base_model.errors import CheckpointError, check_state_dict
 from base_model.model import NextStepModel
 from base_model.tokenizer import SpecialIds, build_tiny_tokenizer, load_tokenizer, special_ids
 from base_model.vae import NextStepVAE, load_vae, save_vae, vae_preset
@@ -178,23 +178,6 @@ def read_state_dict(directory: str | Path, dtype: torch.dtype | None = None) -> 
     return state
 
 
-def check_state_dict(model: NextStepModel, state: dict[str, torch.Tensor], where: str) -> None:
-    """Missing, unexpected or mis-shaped keys -> one CheckpointError naming them."""
-    expected = model.state_dict()
-    found = {k: v for k, v in state.items() if not k.startswith(IGNORED_KEYS)}
-    missing = [k for k in expected if k not in found]
-    if missing:
-        raise CheckpointError(f"{where}: missing {len(missing)} key(s), e.g. {', '.join(missing[:3])}")
-    unexpected = [k for k in found if k not in expected]
-    if unexpected:
-        raise CheckpointError(f"{where}: unexpected {len(unexpected)} key(s), e.g. {', '.join(unexpected[:3])}")
-    for k, t in found.items():
-        if tuple(t.shape) != tuple(expected[k].shape):
-            raise CheckpointError(
-                f"{where}: shape mismatch for {k}: checkpoint {tuple(t.shape)}, model {tuple(expected[k].shape)}"
-            )
-
-
 def load_checkpoint(
     directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> NextStepBundle:
@@ -208,8 +191,8 @@ def load_checkpoint(
     with torch.device("meta"):
         model = NextStepModel(config)
     state = read_state_dict(directory, dtype)
-    check_state_dict(model, state, str(directory))
-    state = {k: v for k, v in state.items() if k in model.state_dict()}
+    state = {k: v for k, v in state.items() if not k.startswith(IGNORED_KEYS)}
+    check_state_dict(directory, state, model.state_dict())
     model.load_state_dict(state, strict=True, assign=True)
     model.place(device=device, dtype=dtype)  # also rebuilds the non-persistent RoPE buffer off meta
     vae = load_vae(directory / (config.vae_name_or_path or "vae"), dtype=dtype, device=device)

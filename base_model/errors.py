@@ -11,3 +11,20 @@ class ConfigError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt or does not match the model it is loaded into."""
+
+
+def check_state_dict(where: object, state: dict, expected: dict) -> None:
+    """Missing, unexpected or mis-shaped keys of `state` vs `expected` (name -> tensor) -> one CheckpointError."""
+    missing = [k for k in expected if k not in state]
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise CheckpointError(f"{where}: {len(missing)} missing keys: {shown}")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        shown = ", ".join(unexpected[:3]) + (", ..." if len(unexpected) > 3 else "")
+        raise CheckpointError(f"{where}: {len(unexpected)} unexpected keys: {shown}")
+    for key, want in expected.items():
+        if state[key].shape != want.shape:
+            raise CheckpointError(
+                f"{where}: shape mismatch for {key}: expected {tuple(want.shape)}, found {tuple(state[key].shape)}"
+            )

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from base_model.errors import CheckpointError, ConfigError
+from base_model.errors import CheckpointError, ConfigError, check_state_dict
 from base_model.schema import from_dict
 
 CONFIG_NAME = "config.json"
@@ -401,22 +401,6 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _check_state_dict(path: Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    missing = [k for k in expected if k not in state]
-    if missing:
-        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-        raise CheckpointError(f"{path}: {len(missing)} missing keys: {shown}")
-    unexpected = [k for k in state if k not in expected]
-    if unexpected:
-        shown = ", ".join(unexpected[:3]) + (", ..." if len(unexpected) > 3 else "")
-        raise CheckpointError(f"{path}: {len(unexpected)} unexpected keys: {shown}")
-    for key, want in expected.items():
-        if state[key].shape != want.shape:
-            raise CheckpointError(
-                f"{path}: shape mismatch for {key}: expected {tuple(want.shape)}, found {tuple(state[key].shape)}"
-            )
-
-
 def load_vae(
     directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> NextStepVAE:
@@ -429,6 +413,6 @@ def load_vae(
     state = _read_state_dict(path)
     with torch.device("meta"):
         vae = NextStepVAE(config)
-    _check_state_dict(path, state, vae.state_dict())
+    check_state_dict(path, state, vae.state_dict())
     vae.load_state_dict(state, strict=True, assign=True)
     return vae.to(device=device, dtype=dtype)

@@ -33,7 +33,7 @@ class StepResult:
     x_next: torch.Tensor  # [..., D] the next head state (sampled, or the given one when scoring)
     log_prob: torch.Tensor  # [...] log pi(x_next | x) under the step's Gaussian (fp32); 0 for ode
     mean: torch.Tensor  # [..., D] mean of the transition (fp32)
-    std: torch.Tensor  # [...] or scalar: per-dim std of the transition (fp32)
+    std: torch.Tensor  # [...] or a CPU scalar when t was a float: per-dim std of the transition (fp32)
 
 
 def head_step(
@@ -60,25 +60,21 @@ def head_step(
     if (noise is None) == (x_next is None):
         raise ValueError("head_step needs exactly one of noise (to sample) or x_next (to score)")
     xf, vf = x.float(), v.float()
-    t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
-    t_next = torch.as_tensor(t_next, dtype=torch.float32, device=x.device)
-    if t.ndim > 0:
-        t = t[..., None]
-    if t_next.ndim > 0:
-        t_next = t_next[..., None]
+    # Python-float times stay Python floats: no host-to-device copy (and so no sync) per step.
+    t, t_next = _time_column(t), _time_column(t_next)
     dt = t_next - t
     if kind == "sde":
         mean = xf + ((1 + t) * vf - xf) * dt
         var = 2.0 * (1.0 - t) * dt
-        std = var.sqrt()
+        std = _sqrt(var)
     elif kind == "ode":
         mean = xf + vf * dt
-        std = torch.zeros_like(dt)
+        std = 0.0 * dt
     elif kind == "cps":
         data_est = xf + (1 - t) * vf
         noise_est = xf - t * vf
         std = (1 - t_next) * math.sin(cps_noise_level * math.pi / 2)
-        mean = t_next * data_est + ((1 - t_next) ** 2 - std**2).clamp_min(0).sqrt() * noise_est
+        mean = t_next * data_est + _sqrt(_clamp0((1 - t_next) ** 2 - std**2)) * noise_est
     else:
         raise ValueError(f"unknown sde kind {kind!r}")
     if x_next is None:
@@ -87,14 +83,34 @@ def head_step(
         x_next_f = x_next.float()
     sq = (x_next_f - mean) ** 2  # [..., D]
     if kind == "sde":
-        per_dim = -sq / (2 * var) - 0.5 * torch.log(2 * math.pi * var)
+        per_dim = -sq / (2 * var) - 0.5 * _log(2 * math.pi * var)
         log_prob = per_dim.sum(-1) if reduction == "sum" else per_dim.mean(-1)
     elif kind == "cps":
         log_prob = -sq.sum(-1) if reduction == "sum" else -sq.mean(-1)
     else:
         log_prob = torch.zeros(sq.shape[:-1], dtype=torch.float32, device=x.device)
     out = x_next_f.to(x.dtype) if x_next is None else x_next
-    return StepResult(x_next=out, log_prob=log_prob, mean=mean, std=std.squeeze(-1) if std.ndim else std)
+    std = std.squeeze(-1) if isinstance(std, torch.Tensor) else torch.tensor(std)
+    return StepResult(x_next=out, log_prob=log_prob, mean=mean, std=std)
+
+
+def _time_column(t: torch.Tensor | float) -> torch.Tensor | float:
+    if isinstance(t, torch.Tensor):
+        t = t.float()
+        return t[..., None] if t.ndim > 0 else t
+    return float(t)
+
+
+def _sqrt(x: torch.Tensor | float) -> torch.Tensor | float:
+    return x.sqrt() if isinstance(x, torch.Tensor) else math.sqrt(x)
+
+
+def _log(x: torch.Tensor | float) -> torch.Tensor | float:
+    return x.log() if isinstance(x, torch.Tensor) else math.log(x)
+
+
+def _clamp0(x: torch.Tensor | float) -> torch.Tensor | float:
+    return x.clamp_min(0) if isinstance(x, torch.Tensor) else max(x, 0.0)
 
 
 def gaussian_kl_same_std(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -128,16 +144,20 @@ def counter_noise(
     draws the noise of all its head steps).
     """
     seeds = seeds.to(torch.int64) & _MASK32
-    steps = torch.as_tensor(step, device=seeds.device, dtype=torch.int64)
     key = _mix32(seeds ^ 0x9E3779B9)
-    key = _mix32(key ^ (torch.as_tensor(token_index, device=seeds.device, dtype=torch.int64) & _MASK32))
-    key = _mix32(key[:, None] ^ ((steps.reshape(-1) * 0x85EBCA6B + 0x27D4EB2F) & _MASK32))  # [B, S]
+    token = token_index.to(seeds.device) if isinstance(token_index, torch.Tensor) else token_index
+    key = _mix32(key ^ (token & _MASK32))
+    if isinstance(step, torch.Tensor):
+        salt = (step.to(seeds.device, torch.int64).reshape(-1) * 0x85EBCA6B + 0x27D4EB2F) & _MASK32  # [S]
+    else:
+        salt = (step * 0x85EBCA6B + 0x27D4EB2F) & _MASK32  # a Python int: no device copy
+    key = _mix32(key[:, None] ^ salt)  # [B, S]
     lanes = torch.arange(dim, device=seeds.device, dtype=torch.int64)
     base = (key[..., None] * 2 * dim + 2 * lanes) & _MASK32  # [B, S, dim]
     u1 = ((_mix32(base) >> 8).float() + 0.5) * (1.0 / (1 << 24))  # (0, 1)
     u2 = ((_mix32(base + 1) >> 8).float() + 0.5) * (1.0 / (1 << 24))
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
-    return z if steps.ndim else z[:, 0]
+    return z if isinstance(step, torch.Tensor) else z[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------

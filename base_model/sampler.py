@@ -88,7 +88,8 @@ def sample_token(
     """
     num_steps = len(grid) - 1
     # streams 0..K of this token: x^0, then the noise of each step
-    noise = counter_noise(seeds, token_index, torch.arange(num_steps + 1), model.config.token_dim)  # [B, K+1, 64]
+    streams = torch.arange(num_steps + 1, device=seeds.device)
+    noise = counter_noise(seeds, token_index, streams, model.config.token_dim)  # [B, K+1, 64]
     x = noise[:, INIT_NOISE_STEP]
     chain, logps = ([x], []) if record else (None, None)
     for k in range(num_steps):

@@ -7,10 +7,12 @@ For the `tiny` and `mid` presets (random weights, 64x64 images = 16 tokens, cfg 
     recompute-everything (no cache: every token reruns the whole sequence);
   * per-token time at 64 vs 1024 image tokens (128 vs 512 px) with the cache;
   * share of decode time spent in the backbone vs the flow head.
-With --gpu (on a CUDA machine): bf16 per-token latency of the full-size architecture (random weights)
-against the paper's 7.2 ms backbone + 3.4 ms head on an H100, and images/s at 512^2 with 64 in flight.
+With --device-preset nextstep-1-large (on a CUDA machine): bf16 per-token latency of the full-size
+architecture (random weights) against the paper's 7.2 ms backbone + 3.4 ms head on an H100, and
+images/s at 512^2 with 64 images in flight.
 
     python bench/sampling.py [--quick] [--out bench/results/sampling_cpu.md]
+    python bench/sampling.py --quick --device-preset nextstep-1-large --device cuda --out bench/results/sampling_h100.md
 """
 
 from __future__ import annotations
@@ -132,6 +134,73 @@ def per_token_time(bundle, image_size, steps):
     return timed(lambda: ours(bundle, PROMPTS[:1], sampling, 1)) / tokens
 
 
+def random_model_on(preset: str, device: str, dtype: torch.dtype):
+    """Full-size (or any preset) architecture with random weights built directly on `device`."""
+    from base_model.config import preset_config
+    from base_model.model import NextStepModel
+    from base_model.tokenizer import build_tiny_tokenizer, special_ids
+
+    ids = special_ids(build_tiny_tokenizer())
+    config = preset_config(preset)
+    if config.image_placeholder_id is None:  # small presets: take the special ids of the byte tokenizer
+        config = preset_config(preset, boi=ids.boi, eoi=ids.eoi, image_placeholder_id=ids.placeholder)
+    with torch.device("meta"):
+        model = NextStepModel(config).to(dtype)  # cast on meta: the 14B model never exists in fp32
+    model.to_empty(device=device)
+    model.init_weights(std=0.02)
+    for m in model.modules():  # norms: unit scale
+        if hasattr(m, "weight") and m.weight is not None and m.weight.ndim == 1:
+            torch.nn.init.ones_(m.weight)
+    return model.place(device=device, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def device_section(preset: str, device: str, in_flight: int, image_size: int, steps: int) -> list[str]:
+    """Per-token latency (batch 1, CFG) of backbone and head, and images/s with `in_flight` samples."""
+    from base_model.tokenizer import build_tiny_tokenizer, special_ids
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = random_model_on(preset, device, dtype)
+    tok = build_tiny_tokenizer()  # prompt text only: its ids are valid rows of any larger vocabulary
+    ids = special_ids(tok)
+    cfg = model.config
+    sampling = SamplingConfig(image_size=image_size, cfg_scale=7.5, num_head_steps=steps)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def clock(fn, n=1):
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / n
+
+    pb = build_prompt_batch(tok, ids, ["a photo of a cat"], (image_size, image_size), True).to(device)
+    rows, t = pb.input_ids.shape[0], pb.num_image_tokens
+    cache = KVCache(cfg, rows, pb.prompt_len + t, dtype, device)
+    valid = torch.ones(rows, pb.prompt_len + t, dtype=torch.bool, device=device)
+    positions = torch.arange(pb.prompt_len + t, device=device)
+    model.backbone(model.embed(pb.input_ids), valid, positions[: pb.prompt_len], cache)
+    emb = torch.randn(rows, 1, cfg.hidden_size, device=device, dtype=dtype)
+    pos = positions[pb.prompt_len + 10 : pb.prompt_len + 11]
+    backbone_ms = clock(lambda: model.backbone(emb, valid, pos, cache), 20) * 1e3
+    cond = torch.randn(rows, cfg.hidden_size, device=device, dtype=dtype)
+    grid = time_grid(steps).tolist()
+    seeds = torch.arange(1, device=device)
+    head_ms = clock(lambda: sample_token(model, cond, seeds, 0, grid, sampling, False), 5) * 1e3
+    prompts = [f"a photo of object number {i}" for i in range(in_flight)]
+    pbs = build_prompt_batch(tok, ids, prompts, (image_size, image_size), True)
+    secs = clock(lambda: sample_tokens(model, pbs, torch.arange(in_flight), sampling), 1)
+    return [
+        f"| {preset} on {device} ({str(dtype).replace('torch.', '')}) | backbone ms/token, batch 1 + CFG | "
+        f"{backbone_ms:.2f} (paper H100: 7.2) |",
+        f"| {preset} on {device} | flow head ms/token, {steps} steps + CFG | {head_ms:.2f} (paper H100: 3.4) |",
+        f"| {preset} on {device} | images/s at {image_size}px, {in_flight} in flight | {in_flight / secs:.3f} "
+        f"(target >= 1.5; paper batch-1 pipeline 0.09) |",
+    ]
+
+
 def run(args) -> str:
     torch.set_num_threads(args.threads)
     sampling = SamplingConfig(image_size=64, cfg_scale=7.5, num_head_steps=args.steps)
@@ -170,6 +239,8 @@ def run(args) -> str:
                 f"| {preset} | per-token ms at 64 vs 1024 tokens (batch 1, 4 head steps) | "
                 f"{t64 * 1e3:.2f} vs {t1024 * 1e3:.2f} ms ({t1024 / t64:.2f}x) |"
             )
+    if args.device_preset:
+        extra += device_section(args.device_preset, args.device, args.in_flight, args.device_size, args.steps)
     lines += ["", "| preset | measure | value |", "|---|---|---|", *extra]
     return "\n".join(lines)
 
@@ -180,6 +251,10 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results/sampling_cpu.md")
+    ap.add_argument("--device-preset", default=None, help="also time this preset on --device (nextstep-1-large on GPU)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--in-flight", type=int, default=64, help="images sampled together for the device throughput")
+    ap.add_argument("--device-size", type=int, default=512)
     args = ap.parse_args()
     table = run(args)
     print(table)

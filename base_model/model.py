@@ -15,14 +15,15 @@ from base_model.sequence import attention_mask_4d
 
 
 def pick_attention(config: NextStepConfig) -> str:
-    """flash_attention_2 when requested and importable on CUDA, else SDPA (the default everywhere)."""
+    """SDPA (default) or eager. Our masks are 4-D boolean (left padding + preallocated cache), which
+    transformers' flash-attention-2 path does not take, so a flash_attention_2 request falls back to
+    SDPA (its memory-efficient / cuDNN kernels accept the mask) with a warning."""
     want = getattr(config, "_attn_implementation_internal", None) or "sdpa"
     if want == "flash_attention_2":
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            return "sdpa"
-    return want if want in ("sdpa", "eager", "flash_attention_2") else "sdpa"
+        import warnings
+
+        warnings.warn("flash_attention_2 is not wired for 4-D masks yet; using SDPA", stacklevel=2)
+    return want if want == "eager" else "sdpa"
 
 
 class KVCache:

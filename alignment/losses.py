@@ -1,0 +1,159 @@
+"""Alignment losses as pure tensor functions: Diffusion-DPO for the flow head, GRPO over head steps,
+and the trained-part masks of prefix-restricted RL. No config object crosses these functions.
+
+Shapes: B samples, T image tokens, K head steps, P prompts x G samples per prompt (B = P * G).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# Diffusion-DPO (Wallace et al., arXiv 2311.12908), on per-image flow-matching errors.
+
+
+@dataclass
+class DpoOutput:
+    loss: torch.Tensor  # []
+    implicit_accuracy: torch.Tensor  # [] share of pairs with a positive margin
+    margin: torch.Tensor  # [] mean of -(beta/2) * [(l_w - l_ref_w) - (l_l - l_ref_l)]
+    mse_w: torch.Tensor  # [] policy error on winners
+    mse_l: torch.Tensor
+    ref_mse_w: torch.Tensor
+    ref_mse_l: torch.Tensor
+
+
+def diffusion_dpo_loss(
+    err_w: torch.Tensor, err_l: torch.Tensor, ref_err_w: torch.Tensor, ref_err_l: torch.Tensor, beta: float
+) -> DpoOutput:
+    """L = -log sigmoid(-(beta/2) [(l_w - l_ref_w) - (l_l - l_ref_l)]), errors [N] from the SAME (t, e).
+
+    Equals log 2 when the policy equals the reference.
+    """
+    inside = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))  # [N]
+    return DpoOutput(
+        loss=-F.logsigmoid(inside).mean(),
+        implicit_accuracy=(inside > 0).float().mean(),
+        margin=inside.detach().mean(),
+        mse_w=err_w.detach().mean(),
+        mse_l=err_l.detach().mean(),
+        ref_mse_w=ref_err_w.detach().mean(),
+        ref_mse_l=ref_err_l.detach().mean(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO (Flow-GRPO, arXiv 2505.05470, adapted to NextStep's head SDE).
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, clip: float = 5.0) -> torch.Tensor:
+    """rewards [P, G] -> advantages [P, G] = (r - mean_group) / (std_group + eps), clipped to [-clip, clip]."""
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, keepdim=True, unbiased=False)
+    return ((rewards - mean) / (std + eps)).clamp(-clip, clip)
+
+
+def keep_groups(rewards: torch.Tensor, min_std: float, max_mean: float | None) -> torch.Tensor:
+    """NextStep-1.1's group filter: rewards [P, G] -> keep [P] bool (std >= min_std and mean <= max_mean)."""
+    keep = rewards.std(dim=1, unbiased=False) >= min_std
+    if max_mean is not None:
+        keep &= rewards.mean(dim=1) <= max_mean
+    return keep
+
+
+@dataclass
+class GrpoOutput:
+    loss: torch.Tensor  # []
+    policy_loss: torch.Tensor  # []
+    kl: torch.Tensor  # [] weighted mean KL to the reference (0 without a reference)
+    clip_frac: torch.Tensor  # [] share of trained cells whose ratio left [1-eps, 1+eps]
+    approx_kl: torch.Tensor  # [] mean of (ratio - 1) - log ratio (k3 estimator, old vs new)
+
+
+def grpo_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    clip_eps: float,
+    kl: torch.Tensor | None = None,
+    beta: float = 0.0,
+) -> GrpoOutput:
+    """Clipped surrogate over trained (token, step) cells.
+
+    log_probs, old_log_probs [B, T, K]; advantages [B]; weights [T, K] or [B, T, K] (0 = not trained,
+    per-cell weights otherwise); kl [B, T, K] Gaussian KL to the reference, added as beta * KL.
+    loss = sum_w( -min(rho A, clip(rho, 1-eps, 1+eps) A) + beta KL ) / sum(w).
+    """
+    w = weights.expand_as(log_probs).to(log_probs.dtype)
+    denom = w.sum().clamp_min(1e-12)
+    log_ratio = log_probs - old_log_probs
+    ratio = torch.exp(log_ratio)
+    adv = advantages[:, None, None]
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    policy_loss = -(w * surrogate).sum() / denom
+    kl_term = (w * kl).sum() / denom if kl is not None else log_probs.new_zeros(())
+    with torch.no_grad():
+        clipped = ((ratio - 1).abs() > clip_eps).to(w.dtype)
+        clip_frac = (w * clipped).sum() / denom
+        approx_kl = (w * ((ratio - 1) - log_ratio)).sum() / denom
+    return GrpoOutput(
+        loss=policy_loss + beta * kl_term, policy_loss=policy_loss.detach(), kl=kl_term.detach(),
+        clip_frac=clip_frac, approx_kl=approx_kl,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefix-restricted RL (NextFlow arXiv 2601.02204; "VAR RL Done Right" arXiv 2601.02256): which
+# part of the (token j, head step k) grid gets a loss. The rest is still sampled, never trained.
+
+MaskKind = Literal["full", "token_prefix", "step_prefix", "step_window"]
+
+
+def trained_mask(
+    kind: MaskKind, num_tokens: int, num_steps: int, prefix: int = 0, window_start: int = 0, window: int = 0
+) -> torch.Tensor:
+    """[T, K] bool grid of trained cells.
+
+    full: everything; token_prefix: the first `prefix` image tokens (raster order), all steps;
+    step_prefix: the first `prefix` head steps of every token (the coarse part of its denoising);
+    step_window: head steps [window_start, window_start + window) of every token (MixGRPO).
+    """
+    mask = torch.zeros(num_tokens, num_steps, dtype=torch.bool)
+    if kind == "full":
+        mask[:] = True
+    elif kind == "token_prefix":
+        mask[:prefix] = True
+    elif kind == "step_prefix":
+        mask[:, :prefix] = True
+    elif kind == "step_window":
+        mask[:, window_start : window_start + window] = True
+    else:
+        raise ValueError(f"unknown mask kind {kind!r}")
+    return mask
+
+
+def step_weights(mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    """NextFlow's k_t = 1 / n_t^alpha per generation step t, n_t = cells trained at that step.
+
+    In raster order one generation step is one image token, so n_t is the number of trained head
+    steps of token t. mask [T, K] bool -> weights [T, K] (0 where untrained).
+    """
+    n = mask.sum(dim=1, keepdim=True).clamp_min(1).float()  # [T, 1]
+    return mask.float() / n**alpha
+
+
+def prefix_phase(update_index: int, prefix_updates: int = 3, suffix_updates: int = 1) -> Literal["prefix", "suffix"]:
+    """The alternation schedule of arXiv 2601.02256: `prefix_updates` prefix steps, then `suffix_updates`."""
+    cycle = prefix_updates + suffix_updates
+    return "prefix" if update_index % cycle < prefix_updates else "suffix"
+
+
+def soft_value(returns: torch.Tensor, eta: float = 1.0) -> torch.Tensor:
+    """Value of a prefix from K continuations: V = eta * log mean_k exp(R_k / eta). returns [..., K] -> [...]."""
+    k = returns.shape[-1]
+    return eta * (torch.logsumexp(returns / eta, dim=-1) - torch.log(torch.tensor(float(k))))

@@ -1,0 +1,101 @@
+"""Losses against hand computations."""
+
+import math
+
+import pytest
+import torch
+
+from alignment.losses import (
+    diffusion_dpo_loss,
+    group_advantages,
+    grpo_loss,
+    keep_groups,
+    prefix_phase,
+    soft_value,
+    step_weights,
+    trained_mask,
+)
+
+
+def test_dpo_is_log2_when_policy_equals_reference():
+    e = torch.tensor([0.3, 1.2, 0.7])
+    out = diffusion_dpo_loss(e, e.flip(0), e, e.flip(0), beta=500.0)
+    assert float(out.loss) == pytest.approx(math.log(2))
+    assert float(out.implicit_accuracy) == 0.0 and float(out.margin) == 0.0
+
+
+def test_dpo_hand_values():
+    # policy improves the winner by 0.002 and worsens the loser by 0.002; beta 1000:
+    # inside = -(1000/2) * (-0.002 - 0.002) = 2 -> loss = -log sigmoid(2)
+    f64 = dict(dtype=torch.float64)  # exact inputs: 0.998 is not representable in fp32
+    out = diffusion_dpo_loss(
+        torch.tensor([0.998], **f64), torch.tensor([1.002], **f64), torch.tensor([1.0], **f64),
+        torch.tensor([1.0], **f64), beta=1000.0,
+    )  # fmt: skip
+    assert float(out.loss) == pytest.approx(-math.log(1 / (1 + math.exp(-2))), rel=1e-5)
+    assert float(out.implicit_accuracy) == 1.0 and float(out.margin) == pytest.approx(2.0, rel=1e-4)
+    assert float(out.mse_w) == pytest.approx(0.998) and float(out.ref_mse_l) == pytest.approx(1.0)
+
+
+def test_group_advantages_hand_values():
+    r = torch.tensor([[1.0, 3.0], [2.0, 2.0]])
+    adv = group_advantages(r, eps=0.0 + 1e-4)
+    # group 0: mean 2, std 1 -> (-1, 1)/(1 + 1e-4); group 1: std 0 -> 0
+    assert adv[0].tolist() == pytest.approx([-1 / 1.0001, 1 / 1.0001])
+    assert adv[1].tolist() == [0.0, 0.0]
+    assert group_advantages(torch.tensor([[0.0, 0.0, 0.0, 100.0]]), clip=1.5).max() == 1.5
+
+
+def test_keep_groups():
+    r = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.9, 1.0]])
+    assert keep_groups(r, min_std=0.01, max_mean=None).tolist() == [False, True, True]
+    assert keep_groups(r, min_std=0.01, max_mean=0.9).tolist() == [False, True, False]
+
+
+def test_grpo_on_policy_loss_is_minus_mean_weighted_advantage_and_clip():
+    lp = torch.zeros(2, 3, 4, requires_grad=True)
+    adv = torch.tensor([1.0, -2.0])
+    out = grpo_loss(lp, lp.detach(), adv, torch.ones(3, 4), clip_eps=0.2)
+    assert float(out.loss) == pytest.approx(-(1.0 - 2.0) / 2)  # ratio 1: -mean(A)
+    assert float(out.clip_frac) == 0.0 and float(out.approx_kl) == pytest.approx(0.0)
+    # ratio e^0.5 > 1.2 with A > 0 is clipped: surrogate = 1.2 * A
+    lp2 = torch.full((1, 1, 1), 0.5)
+    out2 = grpo_loss(lp2, torch.zeros(1, 1, 1), torch.tensor([1.0]), torch.ones(1, 1), clip_eps=0.2)
+    assert float(out2.loss) == pytest.approx(-1.2) and float(out2.clip_frac) == 1.0
+
+
+def test_grpo_gradient_is_zero_when_all_advantages_are_zero():
+    lp = torch.randn(2, 3, 4, requires_grad=True)
+    out = grpo_loss(lp, lp.detach() + 0.01, torch.zeros(2), torch.ones(3, 4), clip_eps=1e-4)
+    out.loss.backward()
+    assert torch.count_nonzero(lp.grad) == 0
+
+
+def test_grpo_weights_and_kl():
+    lp = torch.zeros(1, 2, 2)
+    w = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # only cell (0, 0) trained
+    kl = torch.tensor([[[0.5, 9.0], [9.0, 9.0]]])
+    out = grpo_loss(lp, lp, torch.tensor([2.0]), w, clip_eps=0.1, kl=kl, beta=0.1)
+    assert float(out.loss) == pytest.approx(-2.0 + 0.1 * 0.5)
+
+
+def test_trained_masks():
+    assert trained_mask("full", 3, 2).all()
+    tp = trained_mask("token_prefix", 3, 2, prefix=1)
+    assert tp.tolist() == [[True, True], [False, False], [False, False]]
+    sp = trained_mask("step_prefix", 2, 3, prefix=2)
+    assert sp.tolist() == [[True, True, False], [True, True, False]]
+    sw = trained_mask("step_window", 1, 5, window_start=1, window=2)
+    assert sw.tolist() == [[False, True, True, False, False]]
+
+
+def test_step_weights_one_over_n_to_the_alpha():
+    mask = trained_mask("step_prefix", 2, 4, prefix=2)
+    w = step_weights(mask, alpha=0.5)
+    assert w[0].tolist() == pytest.approx([2**-0.5, 2**-0.5, 0.0, 0.0])
+
+
+def test_prefix_suffix_alternation_and_soft_value():
+    assert [prefix_phase(i) for i in range(5)] == ["prefix", "prefix", "prefix", "suffix", "prefix"]
+    # V = log mean exp(R): R = (0, log 3) -> log((1 + 3) / 2) = log 2
+    assert float(soft_value(torch.tensor([0.0, math.log(3.0)]))) == pytest.approx(math.log(2.0))

@@ -1,0 +1,50 @@
+"""RolloutBatch: what a rollout worker hands to reward workers and learners (design.md contract)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from base_model.sampler import SamplingConfig
+
+
+@dataclass
+class RolloutBatch:
+    # what was asked
+    prompts: list[str]  # [B] caption of each sample (repeated G times per prompt)
+    prompt_ids: list[str]  # [B] stable prompt ids
+    group_ids: torch.Tensor  # [B] long, index of the prompt group inside this batch
+    seeds: torch.Tensor  # [B] long, the sample's seed (all its noise derives from it)
+    # trajectory
+    tokens: torch.Tensor  # [B, T, 64] fp32 emitted image tokens (after use_norm)
+    chains: torch.Tensor | None  # [B, T, K+1, 64] fp32 head states x^0..x^K (RL only)
+    log_probs: torch.Tensor | None  # [B, T, K] fp32 log-probs under the sampling policy (RL only)
+    # outputs
+    images: torch.Tensor  # [B, 3, H, W] uint8
+    # provenance
+    policy_version: int
+    sampling: SamplingConfig
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def select(self, index: torch.Tensor | list[int]) -> RolloutBatch:
+        """Rows `index` (e.g. the kept groups) as a new batch."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        rows = idx.tolist()
+        return RolloutBatch(
+            prompts=[self.prompts[i] for i in rows], prompt_ids=[self.prompt_ids[i] for i in rows],
+            group_ids=self.group_ids[idx], seeds=self.seeds[idx], tokens=self.tokens[idx],
+            chains=None if self.chains is None else self.chains[idx],
+            log_probs=None if self.log_probs is None else self.log_probs[idx],
+            images=self.images[idx], policy_version=self.policy_version, sampling=self.sampling,
+        )  # fmt: skip
+
+
+def sample_seed(prompt_id: str, sample_index: int, run_seed: int) -> int:
+    """Seed of sample `sample_index` of a prompt: a pure function of (prompt id, index, run seed), so a
+    prompt redone on another worker after a crash draws exactly the same images."""
+    digest = hashlib.sha1(f"{run_seed}:{prompt_id}:{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF

@@ -1,0 +1,67 @@
+"""RolloutWorker: holds a policy copy on its device and turns prompts into RolloutBatches.
+
+A plain class: it runs in-process (LocalPool) or as a Ray actor (RayPool) unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from base_model.checkpoint import load_checkpoint, resolve_model
+from base_model.generate import decode_tokens, sample_prompts
+from base_model.sampler import SamplingConfig
+from rollout.batch import RolloutBatch, sample_seed
+from rollout.prompts import Prompt
+
+
+class RolloutWorker:
+    def __init__(
+        self,
+        model: str,
+        sampling: SamplingConfig,
+        device: str = "cpu",
+        dtype: str = "float32",
+        micro_batch_samples: int = 16,
+        run_seed: int = 0,
+    ):
+        """model: checkpoint directory or a random preset (`tiny`, `mid`); dtype float32 / bfloat16."""
+        self.device, self.dtype = device, getattr(torch, dtype)
+        self.bundle = resolve_model(model, dtype=self.dtype, device=device)
+        self.sampling = sampling
+        self.micro_batch_samples = micro_batch_samples
+        self.run_seed = run_seed
+        self.policy_version = 0
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
+        """New policy weights from the learner (backbone + head state dict); returns the version held."""
+        self.bundle.model.load_state_dict({k: v.to(self.device, self.dtype) for k, v in state_dict.items()})
+        self.policy_version = version
+        return version
+
+    def load_checkpoint(self, directory: str, version: int) -> int:
+        self.bundle = load_checkpoint(directory, dtype=self.dtype, device=self.device)
+        self.policy_version = version
+        return version
+
+    def rollout(self, prompts: list[Prompt], samples_per_prompt: int, record_chains: bool = False) -> RolloutBatch:
+        """G = samples_per_prompt images per prompt, sampled micro_batch_samples at a time, decoded once."""
+        texts = [p.text for p in prompts for _ in range(samples_per_prompt)]
+        pids = [p.id for p in prompts for _ in range(samples_per_prompt)]
+        seeds = [sample_seed(p.id, k, self.run_seed) for p in prompts for k in range(samples_per_prompt)]
+        parts = []
+        for s in range(0, len(texts), self.micro_batch_samples):
+            e = s + self.micro_batch_samples
+            parts.append(sample_prompts(self.bundle, texts[s:e], seeds[s:e], self.sampling, record_chains))
+        tokens = torch.cat([p.tokens for p in parts]).cpu()
+        images = torch.cat(
+            [decode_tokens(self.bundle, tokens[s : s + self.micro_batch_samples], self.sampling.image_size)
+             for s in range(0, len(texts), self.micro_batch_samples)]
+        )  # fmt: skip
+        return RolloutBatch(
+            prompts=texts, prompt_ids=pids,
+            group_ids=torch.arange(len(prompts)).repeat_interleave(samples_per_prompt),
+            seeds=torch.tensor(seeds, dtype=torch.long), tokens=tokens,
+            chains=torch.cat([p.chains for p in parts]).cpu() if record_chains else None,
+            log_probs=torch.cat([p.log_probs for p in parts]).cpu() if record_chains else None,
+            images=images, policy_version=self.policy_version, sampling=self.sampling,
+        )  # fmt: skip

@@ -15,6 +15,7 @@ from base_model.errors import UserError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("alignment.generate", "sample images from a checkpoint (or `tiny`) into a PNG grid"),
     "rewards": ("rewards.check", "reward-model utilities: `nsalign rewards check CONFIG`"),
+    "sft": ("alignment.jobs.sft", "supervised fine-tuning from a YAML config (resumes from `latest`)"),
 }
 
 

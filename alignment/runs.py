@@ -34,16 +34,24 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def prepare_run_dir(root: str | Path, name: str, resolved_config: dict) -> Path:
-    """Create runs/<name> (or reopen it for a resume, refusing a different config)."""
+def prepare_run_dir(
+    root: str | Path, name: str, resolved_config: dict, extendable: tuple[str, ...] = ("steps",)
+) -> Path:
+    """Create runs/<name>, or reopen it for a resume. A resume must use the same config, except for the
+    top-level `extendable` keys (a run may be continued for more steps); config.yaml is then updated."""
     run = Path(root) / name
     cfg_path = run / "config.yaml"
     text = yaml.safe_dump(resolved_config, sort_keys=True)
     if cfg_path.is_file():
-        if yaml.safe_load(cfg_path.read_text()) != yaml.safe_load(text):
+        old = yaml.safe_load(cfg_path.read_text()) or {}
+        new = yaml.safe_load(text)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in extendable)
+        if changed:
             raise UserError(
-                f"{run} holds a run with a different config; resume with the same config or pick a new run name"
+                f"{run} holds a run whose config differs in {', '.join(changed)}; "
+                "resume with the same config or pick a new run name"
             )
+        atomic_write_text(cfg_path, text)
         return run
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg_path, text)

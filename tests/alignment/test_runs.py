@@ -21,8 +21,9 @@ from base_model.errors import UserError
 def test_config_guard(tmp_path):
     run = prepare_run_dir(tmp_path, "r", {"lr": 1e-5, "steps": 4})
     assert prepare_run_dir(tmp_path, "r", {"steps": 4, "lr": 1e-5}) == run  # same config: resume
-    with pytest.raises(UserError, match="different config"):
+    with pytest.raises(UserError, match="differs in lr"):
         prepare_run_dir(tmp_path, "r", {"lr": 2e-5, "steps": 4})
+    prepare_run_dir(tmp_path, "r", {"lr": 1e-5, "steps": 8})  # continuing for more steps is allowed
 
 
 def test_latest_pointer_keep_last_and_rng_roundtrip(tmp_path):

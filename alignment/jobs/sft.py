@@ -1,0 +1,183 @@
+"""`nsalign sft CONFIG [key=value ...]`: supervised fine-tuning on (caption, image) pairs.
+
+Loss = 0.01 CE(text) + 1.0 FM(image) (NextStep-1). Data: a Parquet file with a caption column and an
+image column (PNG/JPEG bytes); images are centre-cropped, resized and encoded by the frozen VAE.
+Checkpoints every `checkpoint_every` steps in the published layout + DeepSpeed state + trainer
+state; the same command after a kill resumes from `latest` (same data order, same RNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from alignment.learner import LearnerConfig
+from base_model.errors import ConfigError, UserError
+from base_model.schema import load_config, to_dict
+
+
+@dataclass
+class SftDataConfig:
+    path: str = ""  # Parquet file
+    caption_field: str = "caption"
+    image_field: str = "image"
+    image_size: int = 64  # pixels per side; multiple of 16
+
+
+@dataclass
+class SftConfig:
+    run_name: str = "sft"
+    runs_root: str = "runs"
+    model: str = "tiny"  # checkpoint directory or a random preset (tiny, mid)
+    data: SftDataConfig = field(default_factory=SftDataConfig)
+    steps: int = 100
+    micro_batch_samples: int = 4
+    micro_batches_per_step: int = 1
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    checkpoint_every: int = 50
+    keep_last: int = 3
+    seed: int = 0
+    tensorboard: bool = False
+    wandb: bool = False
+
+    def validate(self, where: str = "config") -> None:
+        if not self.data.path:
+            raise ConfigError(f"{where}.data.path: required (a Parquet file of caption/image rows)")
+        if self.data.image_size <= 0 or self.data.image_size % 16:
+            raise ConfigError(f"{where}.data.image_size: {self.data.image_size} is not a positive multiple of 16")
+        for name in ("steps", "micro_batch_samples", "micro_batches_per_step", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
+        self.learner.validate(f"{where}.learner")
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.micro_batch_samples * self.micro_batches_per_step
+
+
+def load_pairs(cfg: SftDataConfig) -> tuple[list[str], torch.Tensor]:
+    """Captions [N] and images uint8 [N, 3, S, S] (centre crop + resize)."""
+    import pyarrow.parquet as pq
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise UserError(f"SFT data not found: {path}")
+    try:
+        table = pq.read_table(path, columns=[cfg.caption_field, cfg.image_field])
+    except Exception as e:  # pyarrow: missing columns or unreadable file
+        raise UserError(f"{path}: cannot read columns {cfg.caption_field!r}, {cfg.image_field!r} ({e})") from None
+    captions = table.column(cfg.caption_field).to_pylist()
+    if not captions:
+        raise UserError(f"{path}: no rows")
+    images = []
+    for i, raw in enumerate(table.column(cfg.image_field).to_pylist()):
+        if not isinstance(captions[i], str) or not captions[i].strip():
+            raise UserError(f"{path}: row {i}: empty caption")
+        try:
+            img = Image.open(io.BytesIO(raw)).convert("RGB")
+        except (UnidentifiedImageError, TypeError, OSError):
+            raise UserError(f"{path}: row {i}: image bytes are not a readable image") from None
+        images.append(_center_square(img, cfg.image_size))
+    return captions, torch.stack(images)
+
+
+def _center_square(img, size: int) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    img = img.resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def sample_order(num_items: int, seed: int, position: int, count: int) -> list[int]:
+    """Items `position .. position+count` of an endless stream of seeded epoch permutations."""
+    out = []
+    while len(out) < count:
+        epoch, offset = divmod(position + len(out), num_items)
+        perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.extend(perm[offset : offset + count - len(out)].tolist())
+    return out
+
+
+def run_sft(cfg: SftConfig) -> Path:
+    """The SFT job. Returns the run directory."""
+    from tqdm.auto import tqdm
+
+    from alignment.learner import Learner
+    from alignment.runs import (
+        MetricsLogger,
+        TrainerState,
+        checkpoint_dir,
+        finish_checkpoint,
+        latest_checkpoint,
+        load_trainer_state,
+        prepare_run_dir,
+    )  # fmt: skip
+    from base_model.checkpoint import resolve_model, save_checkpoint
+    from base_model.sequence import build_prompt_batch
+    from base_model.teacher_forcing import sft_loss
+
+    captions, images = load_pairs(cfg.data)
+    run = prepare_run_dir(cfg.runs_root, cfg.run_name, to_dict(cfg))
+    print(f"sft: {len(captions)} pairs, {cfg.samples_per_step} samples/step "
+          f"({cfg.micro_batches_per_step} x {cfg.micro_batch_samples}), {cfg.steps} steps -> {run}")  # fmt: skip
+    torch.manual_seed(cfg.seed)
+    bundle = resolve_model(cfg.model, seed=cfg.seed)
+    with torch.no_grad():  # the VAE is frozen: encode the data once
+        tokens = torch.cat(
+            [bundle.vae.encode(images[s : s + 64].float() / 127.5 - 1) for s in range(0, len(images), 64)]
+        )
+    learner = Learner(bundle.model.train(), cfg.learner, cfg.micro_batches_per_step)
+    state = TrainerState()
+    resume_from = latest_checkpoint(run)
+    if resume_from is not None:
+        learner.load_state(resume_from)
+        state = load_trainer_state(resume_from)
+        print(f"sft: resumed from {resume_from.name} (step {state.step})")
+    logger = MetricsLogger(run, tensorboard=cfg.tensorboard, wandb=cfg.wandb)
+    logger.truncate_after(state.step)
+    size = (cfg.data.image_size, cfg.data.image_size)
+
+    def loss_fn(model, idx: list[int]):
+        batch = build_prompt_batch(bundle.tokenizer, bundle.ids, [captions[i] for i in idx], size, False)
+        out = sft_loss(model, batch, bundle.ids, tokens[idx])
+        return out.loss, {"sft/text_ce": float(out.text_ce), "sft/flow_matching": float(out.flow_matching)}
+
+    progress = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps, desc="sft")
+    for _ in progress:
+        order = sample_order(len(captions), cfg.seed, state.consumed_prompts, cfg.samples_per_step)
+        micro = [order[i : i + cfg.micro_batch_samples] for i in range(0, len(order), cfg.micro_batch_samples)]
+        metrics = learner.step(micro, loss_fn)
+        state.consumed_prompts += cfg.samples_per_step
+        state.step = learner.step_count
+        state.num_skipped_steps = learner.num_skipped
+        logger.log(state.step, metrics)
+        progress.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}")
+        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+            step_dir = checkpoint_dir(run, state.step)
+            bundle.model = learner.model
+            save_checkpoint(bundle, step_dir / "model")
+            learner.save_state(step_dir)
+            finish_checkpoint(run, step_dir, state, cfg.keep_last)
+    logger.close()
+    return run
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config (see configs/sft/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=10 learner.lr=1e-5")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(SftConfig, args.config, args.overrides)
+    out = run_sft(cfg)
+    print(f"sft: done; checkpoints in {out}")
+    return 0

@@ -1,0 +1,72 @@
+"""`nsalign sft` end to end on the tiny preset, DeepSpeed world 1 on CPU: run, resume, errors."""
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from alignment.cli import main
+from alignment.jobs.sft import SftConfig, SftDataConfig, run_sft, sample_order
+from alignment.learner import LearnerConfig
+from base_model.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.deepspeed
+
+
+def _png(color) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((80, 64, 3), color, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def data(tmp_path):
+    colors = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+    rows = {"caption": [f"a {c} square" for c in colors], "image": [_png(v) for v in colors.values()]}
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table(rows), path)
+    return path
+
+
+def _cfg(tmp_path, data, name, steps):
+    return SftConfig(
+        run_name=name, runs_root=str(tmp_path / "runs"), data=SftDataConfig(path=str(data)), steps=steps,
+        micro_batch_samples=2, checkpoint_every=2, keep_last=2, learner=LearnerConfig(lr=1e-3, zero_stage=2),
+    )  # fmt: skip
+
+
+def test_sample_order_is_an_endless_seeded_stream():
+    a = sample_order(3, seed=0, position=0, count=7)
+    assert sorted(a[:3]) == [0, 1, 2] and sorted(a[3:6]) == [0, 1, 2]
+    assert sample_order(3, 0, 2, 3) == a[2:5]
+
+
+def test_sft_resume_equals_a_straight_run(tmp_path, data):
+    straight = run_sft(_cfg(tmp_path, data, "straight", 4))
+    partial = run_sft(_cfg(tmp_path, data, "resumed", 2))
+    assert (partial / "latest").read_text().strip() == "step_000002"
+    run_sft(_cfg(tmp_path, data, "resumed", 4))  # same run name: continues from step 2
+    a = load_checkpoint(straight / "step_000004" / "model").model.state_dict()
+    b = load_checkpoint(tmp_path / "runs" / "resumed" / "step_000004" / "model").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(r)["step"] for r in (partial / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_bad_config_and_missing_data_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_name: x\nstepz: 3\ndata: {path: nowhere.parquet}\n")
+    assert main(["sft", str(bad)]) == 2
+    assert "unknown key 'stepz'" in capsys.readouterr().err
+    good = tmp_path / "good.yaml"
+    good.write_text(f"run_name: x\nruns_root: {tmp_path}/runs\ndata: {{path: {tmp_path}/nowhere.parquet}}\n")
+    assert main(["sft", str(good)]) == 2
+    assert "SFT data not found" in capsys.readouterr().err
+    assert main(["sft", str(good), "learner.zero_stage=5"]) == 2
+    assert "zero_stage" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "x").exists()  # nothing written before the input is validated

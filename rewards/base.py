@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -38,7 +38,6 @@ class RewardOutput:
     components: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B] float32, CPU
 
 
-@runtime_checkable
 class RewardFn(Protocol):
     name: str
 

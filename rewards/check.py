@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("overrides", nargs="*", help="key=value overrides, e.g. device=cuda")
     check.add_argument("--section", default=None, help="dotted key of the rewards config inside a job config")
     check.add_argument("--load", action="store_true", help="also load every reward and check its keys")
+    check.add_argument("--device", default="cpu", help="where --load builds the rewards (default: cpu)")
 
 
 def read_rewards_config(path: str, overrides: list[str], section: str | None) -> RewardsConfig:
@@ -77,7 +78,7 @@ def label(f: RequiredFile) -> str:
 def run(args: argparse.Namespace) -> int:
     config = read_rewards_config(args.config, args.overrides, args.section)
     print(f"rewards in {args.config} (device {config.device}, dtype {config.dtype}):")
-    problems = {s.name: check_reward(s, args.load, "cpu") for s in config.rewards}
+    problems = {s.name: check_reward(s, args.load, args.device) for s in config.rewards}
     problems = {name: p for name, p in problems.items() if p is not None}
     for name, problem in problems.items():
         print(f"nsalign rewards check: reward '{name}': {problem}", file=sys.stderr)

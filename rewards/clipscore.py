@@ -101,11 +101,13 @@ def quiet_root_logger() -> Iterator[None]:
         root.setLevel(level)
 
 
-def load_open_clip_weights(model: nn.Module, path: str | None, what: str, source: str) -> None:
-    """Strictly load an OpenCLIP state dict, bare or under 'state_dict' ('module.' prefix stripped)."""
+def load_open_clip_weights(model: nn.Module, path: str | None, what: str, source: str, nested: bool = False) -> None:
+    """Strictly load an OpenCLIP state dict: under 'state_dict' if `nested` (or if the file has one, as
+    training checkpoints do), else bare; a 'module.' prefix from DDP is stripped."""
     file = require_file(path, what, source)
     obj = read_torch_file(file, what)
-    nested = "state_dict" if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) else None
+    has_nested = isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict)
+    nested = "state_dict" if nested or has_nested else None
     state = as_state_dict(obj, f"{what} at {file}", nested)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     load_exact(model, state, str(file))

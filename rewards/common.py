@@ -152,7 +152,7 @@ def load_hf_pretrained(cls: Any, directory: str | None, what: str, source: str, 
         )
     try:
         model, info = cls.from_pretrained(directory, local_files_only=True, output_loading_info=True)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # missing or corrupt files surface as many exception types
         raise CheckpointError(f"{what} at {directory}: cannot load ({source}): {e}") from None
     unexpected = [
         k for k in info["unexpected_keys"] if not k.startswith(ignore_prefixes) and not k.endswith("position_ids")

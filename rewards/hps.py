@@ -16,16 +16,8 @@ import torch
 
 from base_model.errors import ConfigError
 from rewards.base import RequiredFile, RewardOutput
-from rewards.clipscore import OpenClipScorer, build_open_clip, open_clip_tokenizer
-from rewards.common import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    as_state_dict,
-    finish_model,
-    load_exact,
-    read_torch_file,
-    require_file,
-)
+from rewards.clipscore import OpenClipScorer, build_open_clip, load_open_clip_weights, open_clip_tokenizer
+from rewards.common import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, finish_model
 
 MODEL_NAME = "ViT-H-14"
 SOURCE = "hub xswu/HPSv2, file HPS_v2.1_compressed.pt (v2.0: HPS_v2_compressed.pt)"
@@ -61,8 +53,6 @@ def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> HPSv2:
     tokenizer = open_clip_tokenizer(MODEL_NAME, cfg.size)
     model = build_open_clip(MODEL_NAME, cfg.size)
     if cfg.init == "checkpoint":
-        path = require_file(cfg.checkpoint, "HPSv2 checkpoint", SOURCE)
-        state = as_state_dict(read_torch_file(path, "HPSv2 checkpoint"), f"HPSv2 checkpoint at {path}", "state_dict")
-        load_exact(model, {k.removeprefix("module."): v for k, v in state.items()}, str(path))
+        load_open_clip_weights(model, cfg.checkpoint, "HPSv2 checkpoint", SOURCE, nested=True)
     scorer = OpenClipScorer(finish_model(model, device, dtype), tokenizer, "longest", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     return HPSv2(scorer)

@@ -4,8 +4,10 @@ score = cosine(image embedding, text embedding), or with `formula: clip_s` the C
 al. 2021 (arXiv:2104.08718), w * max(cosine, 0) with w = `clip_s_weight` (2.5 in the paper, 100 in
 torchmetrics). The architecture comes from open_clip's built-in config for `model_name` (no weights,
 no download); the checkpoint is a state dict, or a training checkpoint with 'state_dict' (a 'module.'
-prefix from DDP is stripped). Models whose tokenizer is not bundled with open_clip (HF tokenizers)
-cannot be built offline and fail with a ConfigError.
+prefix from DDP is stripped). `pretrained_tag` names which open_clip weights the file holds (e.g.
+'openai'): their QuickGELU flag, mean/std and resize mode then apply, as open_clip would set them; OpenAI
+weights run wrong with plain GELU, so name the tag (or a '-quickgelu' architecture). Models whose
+tokenizer is not bundled with open_clip (HF tokenizers) cannot be built offline: a ConfigError.
 """
 
 from __future__ import annotations
@@ -55,28 +57,45 @@ RESIZERS: dict[str, Callable[[Image.Image, int], Image.Image]] = {
 class Config:
     model_name: str = "ViT-L-14"  # an open_clip built-in architecture name
     checkpoint: str | None = None  # OpenCLIP checkpoint for that architecture
+    pretrained_tag: str | None = None  # open_clip tag of those weights, e.g. "openai"
     size: Literal["full", "tiny"] = "full"  # tiny: TINY_OPEN_CLIP instead of model_name
     init: Literal["checkpoint", "random"] = "checkpoint"
     formula: Literal["cosine", "clip_s"] = "cosine"
     clip_s_weight: float = 100.0
-    resize_mode: Literal["shortest", "longest", "squash"] = "shortest"
-    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
-    std: tuple[float, float, float] = OPENAI_CLIP_STD
+    resize_mode: Literal["shortest", "longest", "squash"] | None = None  # default: the tag's, else shortest
+    mean: tuple[float, float, float] | None = None  # default: the tag's, else OpenAI's
+    std: tuple[float, float, float] | None = None
 
     def validate(self, where: str) -> None:
         if self.init == "checkpoint" and self.checkpoint is None:
             raise ConfigError(f"{where}.checkpoint: required with init: checkpoint (an OpenCLIP checkpoint file)")
         if self.size == "full" and open_clip.get_model_config(self.model_name) is None:
             raise ConfigError(f"{where}.model_name: '{self.model_name}' is not an open_clip architecture")
+        if self.pretrained_tag is not None and not self.tag_config():
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(self.model_name))
+            raise ConfigError(f"{where}.pretrained_tag: '{self.pretrained_tag}' is not one of {tags}")
+
+    def tag_config(self) -> dict:
+        """open_clip's record of the pretrained weights (preprocessing, QuickGELU, hub id), or {}."""
+        if self.pretrained_tag is None:
+            return {}
+        return open_clip.get_pretrained_cfg(self.model_name, self.pretrained_tag) or {}
+
+    def preprocessing(self) -> tuple[str, tuple, tuple]:
+        """(resize mode, mean, std): explicit values, else the tag's, else OpenAI CLIP's."""
+        tag = self.tag_config()
+        return (self.resize_mode or tag.get("resize_mode", "shortest"), self.mean or tag.get("mean", OPENAI_CLIP_MEAN),
+                self.std or tag.get("std", OPENAI_CLIP_STD))  # fmt: skip
 
     def files(self) -> list[RequiredFile]:
         if self.init == "random":
             return []
-        source = f"OpenCLIP weights for {self.model_name} (open_clip.list_pretrained())"
+        hub = self.tag_config().get("hf_hub", "").strip("/")
+        source = f"hub {hub}, file open_clip_pytorch_model.bin" if hub else f"OpenCLIP weights for {self.model_name}"
         return [RequiredFile("checkpoint", str(self.checkpoint), source, "open_clip CLIP state dict")]
 
 
-def build_open_clip(model_name: str, size: str) -> nn.Module:
+def build_open_clip(model_name: str, size: str, quick_gelu: bool = False) -> nn.Module:
     """An OpenCLIP model with seeded random weights: `model_name`'s built-in config, or TINY_OPEN_CLIP."""
     with seeded_init():
         if size == "tiny":
@@ -84,8 +103,9 @@ def build_open_clip(model_name: str, size: str) -> nn.Module:
         try:
             with quiet_root_logger():  # open_clip warns "initialized randomly" before we load weights
                 return open_clip.create_model(
-                    model_name, pretrained=None, pretrained_text=False, device=torch.get_default_device()
-                )
+                    model_name, pretrained=None, pretrained_text=False, force_quick_gelu=quick_gelu,
+                    device=torch.get_default_device(),
+                )  # fmt: skip
         except Exception as e:  # e.g. an HF text tower that would need the hub
             raise ConfigError(f"open_clip cannot build '{model_name}' offline: {e}") from None
 
@@ -167,9 +187,9 @@ class ClipScore:
 
 def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> ClipScore:
     tokenizer = open_clip_tokenizer(cfg.model_name, cfg.size)
-    model = build_open_clip(cfg.model_name, cfg.size)
+    model = build_open_clip(cfg.model_name, cfg.size, quick_gelu=cfg.tag_config().get("quick_gelu", False))
     if cfg.init == "checkpoint":
         what = f"OpenCLIP {cfg.model_name} checkpoint"
         load_open_clip_weights(model, cfg.checkpoint, what, cfg.files()[0].source)
-    scorer = OpenClipScorer(finish_model(model, device, dtype), tokenizer, cfg.resize_mode, cfg.mean, cfg.std)
+    scorer = OpenClipScorer(finish_model(model, device, dtype), tokenizer, *cfg.preprocessing())
     return ClipScore(scorer, cfg.formula, cfg.clip_s_weight)

@@ -9,6 +9,7 @@ from base_model.schema import from_dict
 from rewards.clipscore import ClipScore, OpenClipScorer, build_open_clip, clip_s
 from rewards.clipscore import Config as ClipConfig
 from rewards.clipscore import build as build_clipscore
+from rewards.common import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from rewards.hps import Config as HpsConfig
 from rewards.hps import HPSv2
 from rewards.hps import build as build_hps
@@ -94,3 +95,14 @@ def test_clipscore_checkpoint_training_layout_and_errors(tmp_path):
         build_clipscore(ClipConfig(checkpoint=str(tmp_path / "short.pt"), size="tiny"), CPU, torch.float32)
     with pytest.raises(ConfigError, match="not an open_clip architecture"):
         from_dict(ClipConfig, {"model_name": "ViT-Q-99", "checkpoint": "x"}, "r")
+
+
+def test_pretrained_tag_sets_quick_gelu_preprocessing_and_source():
+    cfg = from_dict(ClipConfig, {"model_name": "ViT-L-14", "pretrained_tag": "openai", "checkpoint": "x.bin"}, "r")
+    assert cfg.preprocessing() == ("shortest", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    assert "timm/vit_large_patch14_clip_224.openai" in cfg.files()[0].source
+    with torch.device("meta"):
+        model = build_open_clip("ViT-L-14", "full", quick_gelu=cfg.tag_config()["quick_gelu"])
+    assert type(model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"  # OpenAI weights need it
+    with pytest.raises(ConfigError, match="pretrained_tag: 'lion' is not one of openai"):
+        from_dict(ClipConfig, {"model_name": "ViT-L-14", "pretrained_tag": "lion", "checkpoint": "x"}, "r")

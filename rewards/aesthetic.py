@@ -43,6 +43,8 @@ TINY_VISION = dict(FULL_VISION, hidden_size=32, intermediate_size=64, num_attent
 
 @dataclass
 class Config:
+    """Params of `type: aesthetic`."""
+
     mlp_checkpoint: str | None = None  # sac+logos+ava1-l14-linearMSE.pth
     clip_dir: str | None = None  # local openai/clip-vit-large-patch14
     size: Literal["full", "tiny"] = "full"  # for init: random only
@@ -63,6 +65,8 @@ class Config:
 
 
 class AestheticModel(torch.nn.Module):
+    """CLIP image tower + rating MLP on the L2-normalised embedding."""
+
     def __init__(self, vision: CLIPVisionModelWithProjection):
         super().__init__()
         self.vision = vision
@@ -89,6 +93,8 @@ def build_model(cfg: Config) -> AestheticModel:
 
 
 class Aesthetic:
+    """LAION aesthetic rating (1-10) of each image; prompts are ignored."""
+
     name = "aesthetic"
 
     def __init__(self, model: AestheticModel, processor: CLIPImageProcessor):
@@ -104,6 +110,7 @@ class Aesthetic:
 
 
 def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> Aesthetic:
+    """The aesthetic reward on `device` in `dtype`."""
     model = build_model(cfg)
     return Aesthetic(finish_model(model, device, dtype), load_image_processor(cfg.clip_dir, model))
 

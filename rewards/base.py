@@ -34,11 +34,15 @@ REWARD_TYPES: dict[str, str] = {
 
 @dataclass
 class RewardOutput:
+    """Scores of a batch plus any named sub-scores, all float32 [B] on the CPU."""
+
     scores: torch.Tensor  # [B] float32, CPU
     components: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B] float32, CPU
 
 
 class RewardFn(Protocol):
+    """What every reward is: a name and a batched call."""
+
     name: str
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput: ...

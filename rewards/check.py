@@ -21,6 +21,7 @@ from rewards.base import RequiredFile, RewardsConfig, RewardSpec, build_reward
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`nsalign rewards check ...` arguments."""
     sub = parser.add_subparsers(dest="action", required=True)
     check = sub.add_parser("check", help="list configured rewards and whether their files are present")
     check.add_argument("config", help="YAML file with a rewards config (a `rewards:` list at the top level)")
@@ -76,6 +77,7 @@ def label(f: RequiredFile) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Report every configured reward; 0 when all are ready, 2 otherwise."""
     config = read_rewards_config(args.config, args.overrides, args.section)
     print(f"rewards in {args.config} (device {config.device}, dtype {config.dtype}):")
     problems = {s.name: check_reward(s, args.load, args.device) for s in config.rewards}

@@ -55,6 +55,8 @@ RESIZERS: dict[str, Callable[[Image.Image, int], Image.Image]] = {
 
 @dataclass
 class Config:
+    """Params of `type: clipscore`."""
+
     model_name: str = "ViT-L-14"  # an open_clip built-in architecture name
     checkpoint: str | None = None  # OpenCLIP checkpoint for that architecture
     pretrained_tag: str | None = None  # open_clip tag of those weights, e.g. "openai"
@@ -112,6 +114,7 @@ def build_open_clip(model_name: str, size: str, quick_gelu: bool = False) -> nn.
 
 @contextlib.contextmanager
 def quiet_root_logger() -> Iterator[None]:
+    """Silence root-logger warnings inside the block."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
@@ -174,6 +177,8 @@ def clip_s(cosine: torch.Tensor, weight: float) -> torch.Tensor:
 
 
 class ClipScore:
+    """Cosine (or CLIP-S) of each (image, prompt) under an OpenCLIP model."""
+
     name = "clipscore"
 
     def __init__(self, scorer: OpenClipScorer, formula: str, clip_s_weight: float):
@@ -186,6 +191,7 @@ class ClipScore:
 
 
 def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> ClipScore:
+    """The CLIPScore reward on `device` in `dtype`."""
     tokenizer = open_clip_tokenizer(cfg.model_name, cfg.size)
     model = build_open_clip(cfg.model_name, cfg.size, quick_gelu=cfg.tag_config().get("quick_gelu", False))
     if cfg.init == "checkpoint":

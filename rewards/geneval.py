@@ -34,6 +34,8 @@ SOURCE = "../shared/prompts/geneval_metadata.jsonl (github djghosh13/geneval, pr
 
 @dataclass(frozen=True)
 class Detection:
+    """One object a detector found."""
+
     label: str
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels (y down); a point is a zero-size box
     score: float = 1.0  # detector confidence in [0, 1]
@@ -42,6 +44,8 @@ class Detection:
 
 
 class Detector(Protocol):
+    """Anything that finds objects in one image."""
+
     def __call__(self, image: torch.Tensor) -> list[Detection]:
         """uint8 [3, H, W] RGB -> every object found."""
         ...
@@ -78,6 +82,8 @@ class Clauses:
 
 @dataclass(frozen=True)
 class Rules:
+    """GenEval's evaluation constants."""
+
     confidence_threshold: float = 0.3  # GenEval THRESHOLD
     counting_threshold: float = 0.9  # GenEval COUNTING_THRESHOLD (tag "counting")
     max_objects_per_class: int = 16  # GenEval MAX_OBJECTS
@@ -154,6 +160,8 @@ def read_metadata(path: str | Path) -> dict[str, Clauses]:
 
 @dataclass
 class Config:
+    """Params of `type: geneval`."""
+
     metadata: str  # geneval_metadata.jsonl
     detector: str  # "package.module:factory"; factory(**detector_args) -> Detector
     detector_args: dict[str, Any] = field(default_factory=dict)
@@ -177,6 +185,7 @@ class Config:
 
 
 def load_detector(path: str, args: dict[str, Any]) -> Detector:
+    """Import "module:factory" and call factory(**args)."""
     module, _, attr = path.partition(":")
     try:
         factory = getattr(importlib.import_module(module), attr)
@@ -186,6 +195,8 @@ def load_detector(path: str, args: dict[str, Any]) -> Detector:
 
 
 class GenEvalReward:
+    """Strict or partial GenEval score of each image against its prompt's clauses."""
+
     name = "geneval"
 
     def __init__(self, table: dict[str, Clauses], detector: Detector, rules: Rules, score: str):
@@ -206,5 +217,6 @@ class GenEvalReward:
 
 
 def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> GenEvalReward:
+    """The GenEval reward: metadata table + configured detector."""
     table = read_metadata(require_file(cfg.metadata, "GenEval metadata", SOURCE))
     return GenEvalReward(table, load_detector(cfg.detector, cfg.detector_args), cfg.rules(), cfg.score)

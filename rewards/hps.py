@@ -25,6 +25,8 @@ SOURCE = "hub xswu/HPSv2, file HPS_v2.1_compressed.pt (v2.0: HPS_v2_compressed.p
 
 @dataclass
 class Config:
+    """Params of `type: hps`."""
+
     checkpoint: str | None = None  # HPS_v2.1_compressed.pt (or HPS_v2_compressed.pt)
     size: Literal["full", "tiny"] = "full"  # tiny: a small OpenCLIP model on the same code path
     init: Literal["checkpoint", "random"] = "checkpoint"
@@ -40,6 +42,8 @@ class Config:
 
 
 class HPSv2:
+    """HPSv2 score (cosine) of each (image, prompt)."""
+
     name = "hps"
 
     def __init__(self, scorer: OpenClipScorer):
@@ -50,6 +54,7 @@ class HPSv2:
 
 
 def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> HPSv2:
+    """The HPSv2 reward on `device` in `dtype`."""
     tokenizer = open_clip_tokenizer(MODEL_NAME, cfg.size)
     model = build_open_clip(MODEL_NAME, cfg.size)
     if cfg.init == "checkpoint":

@@ -70,6 +70,8 @@ MED_CONFIG_TINY = dict(
 
 @dataclass(frozen=True)
 class ViTSize:
+    """Dimensions of a BLIP ViT."""
+
     image_size: int
     patch_size: int
     width: int
@@ -83,6 +85,8 @@ VIT_TINY = ViTSize(image_size=32, patch_size=8, width=32, depth=2, num_heads=2)
 
 @dataclass
 class Config:
+    """Params of `type: imagereward`."""
+
     checkpoint: str | None = None  # ImageReward.pt
     med_config: str | None = None  # med_config.json (default: the published values built in)
     vocab_dir: str | None = None  # directory holding bert-base-uncased vocab.txt
@@ -111,6 +115,8 @@ class Config:
 
 
 class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens (a strided convolution)."""
+
     def __init__(self, size: ViTSize):
         super().__init__()
         self.proj = nn.Conv2d(3, size.width, kernel_size=size.patch_size, stride=size.patch_size)
@@ -120,6 +126,8 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection."""
+
     def __init__(self, width: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
@@ -134,6 +142,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """Two-layer GELU MLP, 4x wide."""
+
     def __init__(self, width: int):
         super().__init__()
         self.fc1 = nn.Linear(width, 4 * width)
@@ -144,6 +154,8 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm transformer block."""
+
     def __init__(self, width: int, num_heads: int):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, eps=1e-6)
@@ -179,6 +191,8 @@ class BlipViT(nn.Module):
 
 
 class Blip(nn.Module):
+    """The parts of BLIP that ImageReward uses (keys blip.visual_encoder.*, blip.text_encoder.*)."""
+
     def __init__(self, vit: ViTSize, text: dict):
         super().__init__()
         self.visual_encoder = BlipViT(vit)
@@ -188,6 +202,8 @@ class Blip(nn.Module):
 
 
 class ImageRewardModel(nn.Module):
+    """BLIP image + text encoders and the rating MLP, in the published key layout."""
+
     def __init__(self, vit: ViTSize, text: dict):
         super().__init__()
         self.blip = Blip(vit, text)
@@ -276,6 +292,7 @@ class ImageReward:
 
 
 def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> ImageReward:
+    """The ImageReward reward on `device` in `dtype` (tokenizer checked before weights load)."""
     tokenizer = load_tokenizer(cfg.vocab_dir, text_config(cfg)["vocab_size"])  # cheap checks first
     model = build_model(cfg)
     image_size = (VIT_FULL if cfg.size == "full" else VIT_TINY).image_size

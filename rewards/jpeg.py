@@ -20,6 +20,8 @@ from rewards.common import to_pil
 
 @dataclass
 class Config:
+    """Params of `type: jpeg`."""
+
     direction: Literal["compressibility", "incompressibility"] = "compressibility"
     quality: int = 95
 
@@ -39,6 +41,8 @@ def jpeg_size_kb(image: Image.Image, quality: int = 95) -> float:
 
 
 class JpegReward:
+    """DDPO's JPEG size reward: -kB (compressibility) or +kB (incompressibility)."""
+
     name = "jpeg"
 
     def __init__(self, direction: str, quality: int):
@@ -52,4 +56,5 @@ class JpegReward:
 
 
 def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> JpegReward:
+    """The JPEG reward (no model; device and dtype unused)."""
     return JpegReward(cfg.direction, cfg.quality)

@@ -27,6 +27,8 @@ SOURCE = "PyPI rapidocr-onnxruntime (models inside the wheel)"
 
 @dataclass
 class Config:
+    """Params of `type: ocr`."""
+
     text_score: float = 0.5  # rapidocr drops lines recognised with lower confidence (its default)
     use_angle_cls: bool = False  # Flow-GRPO: ocr(img, cls=False)
     num_threads: int = -1  # onnxruntime intra-op threads (-1: onnxruntime's default, all cores)
@@ -48,6 +50,7 @@ def quoted_target(prompt: str) -> str:
 
 
 def normalise_text(text: str) -> str:
+    """Remove spaces and lower-case, as Flow-GRPO compares texts."""
     return text.replace(" ", "").lower()
 
 
@@ -72,6 +75,8 @@ def ocr_reward(recognised: str, target: str) -> float:
 
 
 class OcrReward:
+    """How well each image renders the quoted text of its prompt, in [0, 1]."""
+
     name = "ocr"
 
     def __init__(self, engine: RapidOCR, text_score: float, use_angle_cls: bool):
@@ -91,5 +96,6 @@ class OcrReward:
 
 
 def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> OcrReward:
+    """The OCR reward on the ONNX CPU runtime (device and dtype unused)."""
     engine = RapidOCR(intra_op_num_threads=cfg.num_threads, inter_op_num_threads=1)
     return OcrReward(engine, cfg.text_score, cfg.use_angle_cls)

@@ -45,6 +45,8 @@ TINY_CLIP = dict(
 
 @dataclass
 class Config:
+    """Params of `type: pickscore`."""
+
     model_dir: str | None = None  # local PickScore_v1
     processor_dir: str | None = None  # local CLIP-ViT-H-14 processor files (default: model_dir)
     size: Literal["full", "tiny"] = "full"  # for init: random only; a checkpoint brings its own config.json
@@ -111,6 +113,8 @@ def build_model(cfg: Config) -> CLIPModel:
 
 
 class PickScore:
+    """PickScore of each (image, prompt), divided by `divisor`."""
+
     name = "pickscore"
 
     def __init__(self, model: CLIPModel, processor: CLIPProcessor, divisor: float):
@@ -131,6 +135,7 @@ class PickScore:
 
 
 def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> PickScore:
+    """The PickScore reward on `device` in `dtype`; the tokenizer must match the model vocabulary."""
     processor_dir = cfg.processor_dir or cfg.model_dir
     processor = load_processor(processor_dir)
     model = build_model(cfg)

@@ -14,6 +14,8 @@ from rewards.composite import build_composite
 
 
 class RewardWorker:
+    """The configured composite reward on one device, scoring whole batches."""
+
     def __init__(self, config: RewardsConfig, device: str | None = None, num_threads: int | None = None):
         """device: overrides config.device (e.g. the GPU Ray assigned); num_threads: torch CPU threads."""
         if num_threads is not None:
@@ -23,6 +25,7 @@ class RewardWorker:
         self.micro_batch_images = config.micro_batch_images
 
     def names(self) -> list[str]:
+        """Configured reward names, in order."""
         return list(self.reward.names)
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:

@@ -75,12 +75,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Learner:
-    def __init__(self, model: torch.nn.Module, cfg: LearnerConfig, micro_batches_per_step: int = 1):
+    def __init__(self, model: torch.nn.Module, cfg: LearnerConfig):
         import deepspeed
 
         ensure_single_process_env()
         self.cfg = cfg
-        self.micro_batches_per_step = micro_batches_per_step
         if cfg.gradient_checkpointing and hasattr(model, "set_gradient_checkpointing"):
             model.set_gradient_checkpointing(True)
         ds_config = {

@@ -121,7 +121,7 @@ def sample_tokens(
     device = model.device
     batch = batch.to(device)
     seeds = seeds.to(device)
-    if batch.has_uncond != cfg.uses_cfg and cfg.uses_cfg:
+    if cfg.uses_cfg and not batch.has_uncond:
         raise ValueError("cfg_scale != 1 needs a prompt batch built with_uncond=True")
     rows, prompt_len, num_tokens = batch.input_ids.shape[0], batch.prompt_len, batch.num_image_tokens
     b = batch.num_prompts

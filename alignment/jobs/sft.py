@@ -135,7 +135,7 @@ def run_sft(cfg: SftConfig) -> Path:
         tokens = torch.cat(
             [bundle.vae.encode(images[s : s + 64].float() / 127.5 - 1) for s in range(0, len(images), 64)]
         )
-    learner = Learner(bundle.model.train(), cfg.learner, cfg.micro_batches_per_step)
+    learner = Learner(bundle.model.train(), cfg.learner)
     state = TrainerState()
     resume_from = latest_checkpoint(run)
     if resume_from is not None:

@@ -21,7 +21,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 def _sft_setup(stage: int):
     bundle = build_random("tiny", seed=0)
-    learner = Learner(bundle.model.train(), LearnerConfig(lr=1e-3, zero_stage=stage), micro_batches_per_step=2)
+    learner = Learner(bundle.model.train(), LearnerConfig(lr=1e-3, zero_stage=stage))
     g = torch.Generator().manual_seed(0)
     data = [(build_prompt_batch(bundle.tokenizer, bundle.ids, [f"caption {i}"], (64, 64), False),
              torch.randn(1, 16, 64, generator=g)) for i in range(2)]  # fmt: skip

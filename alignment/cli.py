@@ -16,6 +16,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("alignment.generate", "sample images from a checkpoint (or `tiny`) into a PNG grid"),
     "rewards": ("rewards.check", "reward-model utilities: `nsalign rewards check CONFIG`"),
     "sft": ("alignment.jobs.sft", "supervised fine-tuning from a YAML config (resumes from `latest`)"),
+    "build-prefs": ("rollout.build_prefs", "build a preference dataset: sample, score, pick pairs (resumable)"),
+    "dpo": ("alignment.jobs.dpo", "Diffusion-DPO on a build-prefs dataset (resumes from `latest`)"),
+    "grpo": ("alignment.jobs.grpo", "online (prefix-)GRPO: rollout -> rewards -> learner -> weights (resumes)"),
 }
 
 

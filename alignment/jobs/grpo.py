@@ -1,0 +1,393 @@
+"""`nsalign grpo CONFIG [key=value ...]`: online GRPO over NextStep-1's flow head (algorithms.md §2-3).
+
+Every step: P prompts from a seeded stream -> rollout pool (G images per prompt, head chains and
+log-probs recorded) -> reward pool -> group advantages -> learner update(s) -> new weights
+(policy_version + 1) to the rollout workers. A "step" is one rollout batch; with `inner_epochs: 1`
+(strictly on-policy, NextStep-1.1) it is also one optimizer update.
+
+Departures from Flow-GRPO: the learner re-scores each recorded chain in ONE teacher-forced pass
+(NextStep-1.1), without CFG by default; the trained part is a mask over (token, head step) cells
+(full / token_prefix / step_prefix / step_window, with the prefix/suffix alternation of arXiv
+2601.02256); `timestep_fraction` masks the loss of the unchosen head steps but they are still
+computed. Not implemented: the soft value of a prefix from K continuations (losses.soft_value).
+
+clip_eps bounds the ratio exp(log pi - log pi_old) of one (token, head step) cell. With
+`sampling.logprob_reduction: mean` (published RL code) the log-ratio is averaged over the 64 latent
+dims and the published range is 1e-4; with `sum` (the exact likelihood) the log-ratio is 64x larger,
+so the same per-dim range is 64e-4. Leave clip_eps empty to get exactly that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from alignment.grpo_parts import TrainPartConfig
+from alignment.learner import LearnerConfig
+from base_model.errors import ConfigError, UserError
+from base_model.sampler import SamplingConfig
+from base_model.schema import load_config, to_dict
+from rewards.base import RewardsConfig
+from rollout.pools import PoolConfig
+
+LATENT_DIM = 64
+
+
+@dataclass
+class RolloutConfig:
+    device: str = "cpu"  # each rollout worker's device ("cuda" inside a Ray actor: its own GPU)
+    dtype: str = "float32"  # float32 / bfloat16
+    micro_batch_samples: int = 16  # samples per sampler call
+
+
+@dataclass
+class GroupFilterConfig:
+    """NextStep-1.1: drop groups that carry no signal (std below min_std) or are already solved."""
+
+    min_std: float = 1e-6
+    max_mean: float | None = None
+
+
+@dataclass
+class GrpoConfig:
+    run_name: str = "grpo"
+    runs_root: str = "runs"
+    model: str = "tiny"  # checkpoint directory or a random preset (tiny, mid)
+    prompts: str = ""  # prompt file (.txt/.jsonl/.json/.tsv/.parquet)
+    prompt_field: str = "prompt"
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rollout_pool: PoolConfig = field(default_factory=PoolConfig)
+    reward_pool: PoolConfig = field(default_factory=PoolConfig)
+    steps: int = 100  # GRPO steps (rollout batches)
+    prompts_per_step: int = 8  # P
+    samples_per_prompt: int = 16  # G, the group size
+    micro_batch_samples: int = 8  # samples per learner forward/backward
+    inner_epochs: int = 1  # optimizer updates per rollout batch (1: strictly on-policy)
+    clip_eps: float | None = None  # None: 1e-4 per latent dim (see the module docstring)
+    beta: float = 0.04  # KL to the frozen reference; 0 skips the reference model
+    train_with_cfg: bool = False  # NextStep-1.1 trains without CFG
+    timestep_fraction: float = 1.0  # share of head steps trained per step (DanceGRPO 0.6)
+    group_filter: GroupFilterConfig = field(default_factory=GroupFilterConfig)
+    train_part: TrainPartConfig = field(default_factory=TrainPartConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    checkpoint_every: int = 50
+    keep_last: int = 3
+    seed: int = 0
+    tensorboard: bool = False
+    wandb: bool = False
+
+    def validate(self, where: str = "config") -> None:
+        if not self.prompts:
+            raise ConfigError(f"{where}.prompts: required (a prompt file)")
+        if self.sampling.sde_kind == "ode":
+            raise ConfigError(f"{where}.sampling.sde_kind: 'ode' has no log-probs; GRPO needs 'sde' or 'cps'")
+        for name in ("steps", "prompts_per_step", "micro_batch_samples", "inner_epochs", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.samples_per_prompt < 2:
+            raise ConfigError(f"{where}.samples_per_prompt: a group needs >= 2 samples, got {self.samples_per_prompt}")
+        self._validate_sizes(where)
+        if self.clip_eps is not None and self.clip_eps <= 0:
+            raise ConfigError(f"{where}.clip_eps: must be > 0, got {self.clip_eps}")
+        if self.beta < 0:
+            raise ConfigError(f"{where}.beta: must be >= 0, got {self.beta}")
+        if not 0.0 < self.timestep_fraction <= 1.0:
+            raise ConfigError(f"{where}.timestep_fraction: must be in (0, 1], got {self.timestep_fraction}")
+        if self.rollout.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"{where}.rollout.dtype: 'float32' or 'bfloat16', got {self.rollout.dtype!r}")
+        if self.rollout.micro_batch_samples < 1:
+            raise ConfigError(f"{where}.rollout.micro_batch_samples: must be >= 1")
+        if self.rewards.pool != PoolConfig():
+            raise ConfigError(f"{where}.rewards.pool: set the reward workers with the top-level reward_pool")
+        running = [r.name for r in self.rewards.rewards if r.normalize.kind == "running"]
+        if running and self.reward_pool.num_workers > 1:
+            raise ConfigError(
+                f"{where}.reward_pool.num_workers: running normalisation ({running[0]}) needs one reward worker, "
+                "so that every score of a group is normalised by the same statistics"
+            )
+        self._validate_train_part(f"{where}.train_part")
+
+    def _validate_sizes(self, where: str) -> None:
+        total, mb, g = self.samples_per_step, self.micro_batch_samples, self.samples_per_prompt
+        if total % mb:
+            divisors = [d for d in range(1, total + 1) if total % d == 0 and (d % g == 0 or g % d == 0)]
+            raise ConfigError(
+                f"{where}.micro_batch_samples: {mb} does not split prompts_per_step x samples_per_prompt = "
+                f"{self.prompts_per_step} x {g} = {total} samples; use one of {divisors}"
+            )
+        if mb % g and g % mb:
+            raise ConfigError(
+                f"{where}.micro_batch_samples: {mb} must hold whole groups of samples_per_prompt = {g} "
+                f"or split one evenly (a multiple or a divisor of {g})"
+            )
+
+    def _validate_train_part(self, where: str) -> None:
+        part, k, t = self.train_part, self.sampling.num_head_steps, self.num_image_tokens
+        if part.kind == "token_prefix" and not 1 <= part.prefix <= t:
+            raise ConfigError(f"{where}.prefix: token_prefix needs 1..{t} image tokens, got {part.prefix}")
+        if part.kind == "step_prefix" and not 1 <= part.prefix <= k:
+            raise ConfigError(f"{where}.prefix: step_prefix needs 1..{k} head steps, got {part.prefix}")
+        if part.kind == "step_window":
+            if not 1 <= part.window <= k:
+                raise ConfigError(f"{where}.window: needs 1..{k} head steps, got {part.window}")
+            if not 0 <= part.window_start <= k - part.window:
+                raise ConfigError(f"{where}.window_start: must be in 0..{k - part.window}, got {part.window_start}")
+        if part.alternate:
+            if part.kind == "full":
+                raise ConfigError(f"{where}.alternate: needs a prefix or window kind (full has no suffix)")
+            if part.prefix_updates < 1 or part.suffix_updates < 1:
+                raise ConfigError(f"{where}: prefix_updates and suffix_updates must be >= 1")
+        if part.alpha < 0:
+            raise ConfigError(f"{where}.alpha: must be >= 0, got {part.alpha}")
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.prompts_per_step * self.samples_per_prompt
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.sampling.image_size // 16) ** 2
+
+    @property
+    def resolved_clip_eps(self) -> float:
+        if self.clip_eps is not None:
+            return self.clip_eps
+        return 1e-4 if self.sampling.logprob_reduction == "mean" else 1e-4 * LATENT_DIM
+
+
+@dataclass
+class GrpoMicroBatch:
+    batch: object  # RolloutBatch of b samples
+    advantages: torch.Tensor  # [b]
+    weights: torch.Tensor  # [T, K]
+    scale: float  # b * num_micro / num_samples: micro losses of unequal size average per sample
+
+
+def describe(cfg: GrpoConfig, num_prompts: int) -> str:
+    """The derived sizes, printed at start."""
+    s = cfg.sampling
+    steps_per_update = cfg.samples_per_step // cfg.micro_batch_samples
+    return (
+        f"grpo: {num_prompts} prompts; {cfg.prompts_per_step} prompts x {cfg.samples_per_prompt} samples = "
+        f"{cfg.samples_per_step} samples/step in up to {steps_per_update} micro batches of {cfg.micro_batch_samples}; "
+        f"{cfg.inner_epochs} update(s)/step; {cfg.num_image_tokens} tokens x {s.num_head_steps} head steps "
+        f"({s.sde_kind}, log-prob {s.logprob_reduction}, clip_eps {cfg.resolved_clip_eps:g}); beta {cfg.beta:g}; "
+        f"train part {cfg.train_part.kind}; {cfg.rollout_pool.num_workers} {cfg.rollout_pool.kind} rollout / "
+        f"{cfg.reward_pool.num_workers} {cfg.reward_pool.kind} reward workers; {cfg.steps} steps"
+    )
+
+
+class GrpoTrainer:
+    """The job's parts: pools, learner, reference, and the state a checkpoint saves."""
+
+    def __init__(self, cfg: GrpoConfig, prompts: list):
+        """Pools, policy, reference and learner; nothing is written yet."""
+        from alignment.grpo_parts import GrpoRolloutWorker
+        from alignment.learner import Learner
+        from alignment.runs import TrainerState
+        from base_model.checkpoint import resolve_model
+        from rewards.worker import RewardWorker
+        from rollout.pools import make_pool
+
+        self.cfg, self.prompts = cfg, prompts
+        self.rollout_pool = make_pool(
+            GrpoRolloutWorker, (cfg.model, cfg.sampling, cfg.rollout.device, cfg.rollout.dtype,
+                                cfg.rollout.micro_batch_samples, cfg.seed), cfg.rollout_pool,
+        )  # fmt: skip
+        self.reward_pool = make_pool(RewardWorker, (cfg.rewards,), cfg.reward_pool)
+        torch.manual_seed(cfg.seed)
+        self.bundle = resolve_model(cfg.model, seed=cfg.seed)
+        self.ref_model = None
+        if cfg.beta > 0:  # frozen copy of the starting policy (also on resume: state loads after this)
+            self.ref_model = copy.deepcopy(self.bundle.model).eval().requires_grad_(False)
+        self.learner = Learner(self.bundle.model.train(), cfg.learner)
+        if self.ref_model is not None:
+            dtype = torch.bfloat16 if cfg.learner.bf16 else torch.float32
+            self.ref_model.place(device=next(self.learner.model.parameters()).device, dtype=dtype)
+        self.state = TrainerState()
+
+    def open_run(self, run: Path) -> None:
+        """Resume from the run's `latest` checkpoint if any, open the metrics, hand weights to the workers."""
+        from alignment.runs import MetricsLogger, latest_checkpoint, load_trainer_state
+
+        self.run = run
+        resume_from = latest_checkpoint(run)
+        if resume_from is not None:
+            self.learner.load_state(resume_from)
+            self.state = load_trainer_state(resume_from)
+            self.reward_pool.call_all("load_state_dict", self.state.extra.get("reward_state", {}))
+            print(f"grpo: resumed from {resume_from.name} (step {self.state.step})")
+        self.logger = MetricsLogger(run, tensorboard=self.cfg.tensorboard, wandb=self.cfg.wandb)
+        self.logger.truncate_after(self.state.step)
+        self.sync_weights()  # rollout workers start from the learner's weights (fresh or resumed)
+
+    # -- one step, in order -------------------------------------------------------------------
+
+    def draw_prompts(self) -> list:
+        from alignment.jobs.sft import sample_order
+
+        order = sample_order(len(self.prompts), self.cfg.seed, self.state.consumed_prompts, self.cfg.prompts_per_step)
+        return [self.prompts[i] for i in order]
+
+    def rollout(self, prompts: list):
+        from alignment.grpo_parts import concat_rollouts, rollout_seed, split_prompts
+
+        seed = rollout_seed(self.cfg.seed, self.state.step)
+        chunks = split_prompts(prompts, self.cfg.rollout_pool.num_workers)
+        batch = concat_rollouts(self.rollout_pool.map("rollout_step", [(c, self.cfg.samples_per_prompt, seed)
+                                                                       for c in chunks]))  # fmt: skip
+        if batch.policy_version != self.state.policy_version:
+            raise RuntimeError(f"rollout used policy {batch.policy_version}, expected {self.state.policy_version}")
+        return batch
+
+    def score(self, batch):
+        from rewards.worker import concat
+
+        chunks = _group_chunks(len(batch), self.cfg.samples_per_prompt, self.cfg.reward_pool.num_workers)
+        outs = self.reward_pool.map("score", [(batch.images[s:e], batch.prompts[s:e]) for s, e in chunks])
+        return concat(outs)
+
+    def update(self, batch, rewards: torch.Tensor) -> dict[str, float]:
+        """Advantages per group, group filter, then `inner_epochs` learner updates. rewards [B]."""
+        from alignment.grpo_parts import train_weights
+        from alignment.losses import group_advantages, keep_groups
+
+        cfg, g = self.cfg, self.cfg.samples_per_prompt
+        grouped = rewards.reshape(-1, g)  # [P, G]
+        keep = keep_groups(grouped, cfg.group_filter.min_std, cfg.group_filter.max_mean)  # [P]
+        metrics = {
+            "grpo/zero_std_group_ratio": float((grouped.std(dim=1, unbiased=False) < 1e-8).float().mean()),
+            "grpo/kept_groups": float(keep.sum()),
+        }
+        if not keep.any():
+            return metrics
+        advantages = group_advantages(grouped)[keep].flatten()  # [B_kept]
+        kept = batch.select(keep.repeat_interleave(g).nonzero().flatten())
+        n, mb = len(kept), cfg.micro_batch_samples
+        num_micro = -(-n // mb)
+        t, k = kept.tokens.shape[1], kept.log_probs.shape[2]
+        for epoch in range(cfg.inner_epochs):
+            weights = train_weights(cfg.train_part, t, k, self.state.step * cfg.inner_epochs + epoch,
+                                    cfg.timestep_fraction, cfg.seed)  # fmt: skip
+            micro = [
+                GrpoMicroBatch(kept.select(list(range(s, min(s + mb, n)))), advantages[s : s + mb], weights,
+                               scale=min(mb, n - s) * num_micro / n)
+                for s in range(0, n, mb)
+            ]  # fmt: skip
+            out = self.learner.step(micro, self.loss_fn)
+            if epoch > 0:  # keep the first epoch's on-policy health check; the rest from the last epoch
+                out.pop("grpo/logprob_diff", None)
+            metrics.update(out)
+            metrics["grpo/trained_cells"] = float((weights > 0).float().mean())
+        return metrics
+
+    def loss_fn(self, model, mb: GrpoMicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        from alignment.objectives import grpo_objective
+
+        cfg, bundle = self.cfg, self.bundle
+        loss, metrics = grpo_objective(
+            model, self.ref_model, bundle.tokenizer, bundle.ids, mb.batch, mb.advantages, mb.weights,
+            cfg.resolved_clip_eps, cfg.beta, cfg.train_with_cfg,
+        )  # fmt: skip
+        return loss * mb.scale, metrics
+
+    def sync_weights(self) -> None:
+        """Broadcast the learner's weights as `state.policy_version` to every rollout worker."""
+        weights = self.learner.policy_weights()
+        self.rollout_pool.call_all("load_weights", weights, self.state.policy_version)
+
+    def save(self) -> None:
+        from alignment.runs import checkpoint_dir, finish_checkpoint
+        from base_model.checkpoint import save_checkpoint
+
+        step_dir = checkpoint_dir(self.run, self.state.step)
+        self.bundle.model = self.learner.model
+        save_checkpoint(self.bundle, step_dir / "model")
+        self.learner.save_state(step_dir)
+        reward_states = self.reward_pool.call_all("state_dict")
+        self.state.extra["reward_state"] = reward_states[0]  # one worker when a normalisation keeps state
+        finish_checkpoint(self.run, step_dir, self.state, self.cfg.keep_last)
+
+    def close(self) -> None:
+        self.logger.close()
+        self.rollout_pool.shutdown()
+        self.reward_pool.shutdown()
+
+
+def _group_chunks(num_samples: int, group: int, num_parts: int) -> list[tuple[int, int]]:
+    """(start, end) sample ranges of whole groups, one per worker at most."""
+    num_groups = num_samples // group
+    n = min(num_parts, num_groups)
+    bounds = [round(i * num_groups / n) * group for i in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def run_grpo(cfg: GrpoConfig) -> Path:
+    """The GRPO job. Returns the run directory."""
+    from tqdm.auto import tqdm
+
+    from alignment.grpo_parts import reward_metrics
+    from alignment.learner import NonFiniteLossError
+    from alignment.runs import latest_checkpoint, prepare_run_dir
+    from rollout.prompts import load_prompts
+
+    prompts = load_prompts(cfg.prompts, cfg.prompt_field)  # bad input fails before the run dir exists
+    print(describe(cfg, len(prompts)))
+    trainer = GrpoTrainer(cfg, prompts)  # reward files, model: still nothing written on failure
+    try:
+        run = prepare_run_dir(cfg.runs_root, cfg.run_name, to_dict(cfg))
+        trainer.open_run(run)
+        state = trainer.state
+        progress = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps, desc="grpo")
+        for _ in progress:
+            times = {}
+            t0 = time.perf_counter()
+            batch = trainer.rollout(trainer.draw_prompts())
+            times["rollout"] = (t1 := time.perf_counter()) - t0
+            rewards = trainer.score(batch)
+            times["reward"] = (t2 := time.perf_counter()) - t1
+            try:
+                metrics = trainer.update(batch, rewards.scores)
+            except NonFiniteLossError as e:
+                last = latest_checkpoint(run)
+                raise UserError(f"stopped: {e}; last good checkpoint: {last.name if last else 'none'}") from None
+            times["learn"] = (t3 := time.perf_counter()) - t2
+            state.consumed_prompts += cfg.prompts_per_step
+            state.step += 1
+            state.num_skipped_steps = trainer.learner.num_skipped
+            if "train/grad_norm" in metrics:  # an update happened: new weights, new version
+                state.policy_version += 1
+                trainer.sync_weights()
+            times["sync"] = time.perf_counter() - t3
+            total = sum(times.values())
+            metrics.update(reward_metrics(rewards))
+            metrics.update({f"time/{k}_s": v for k, v in times.items()})
+            metrics.update({f"time/{k}_share": v / total for k, v in times.items()})
+            metrics["samples/s"] = cfg.samples_per_step / total
+            metrics["policy_version"] = float(state.policy_version)
+            trainer.logger.log(state.step, metrics)
+            progress.set_postfix(reward=f"{metrics['reward/mean']:.4f}")
+            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+                trainer.save()
+    finally:
+        trainer.close()
+    return run
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config (see configs/grpo/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=10 learner.lr=1e-5")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(GrpoConfig, args.config, args.overrides)
+    out = run_grpo(cfg)
+    print(f"grpo: done; checkpoints in {out}")
+    return 0

@@ -2,23 +2,56 @@
 
 A job gives it micro batches and a loss function `loss_fn(model, micro_batch) -> (loss, metrics)`;
 the learner accumulates gradients over the micro batches of one optimizer step, clips, steps, and
-skips (and counts) a step whose loss is not finite. DeepSpeed is confined to this file.
+skips (and counts) a step whose loss is not finite. DeepSpeed (and peft) are confined to this file.
 World size 1 on a CPU (gloo) up to many GPUs; ZeRO stage, bf16, clipping and the optimizer come
-from `LearnerConfig`.
+from `LearnerConfig`. Under a launcher (torchrun, deepspeed) every rank builds a Learner on its own
+share of the data; gradients are averaged by DeepSpeed and the returned metrics over the ranks.
+
+Optional LoRA (`learner.lora`, through peft): adapters are injected into the model in place, only
+they train, `policy_weights()` returns the plain model's keys with the adapters merged in, and the
+frozen reference (`reference()`) is the same model with the adapters disabled.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from base_model.errors import ConfigError  # also installs the torchvision shim that peft's imports need
+
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+
+
+# Linear layers of NextStep-1 worth adapting: backbone attention + MLP, the head-condition projector and
+# the flow head's MLPs, modulations and output (peft matches a name by its suffix).
+DEFAULT_LORA_TARGETS = [
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "image_out_projector",
+    "input_proj", "cond_embed", "mlp.0", "mlp.2", "adaLN_modulation.1", "final_layer.linear",
+]  # fmt: skip
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 32.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+    def validate(self, where: str = "learner.lora") -> None:
+        if self.rank < 1:
+            raise ConfigError(f"{where}.rank: must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}.dropout: must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError(f"{where}.target_modules: name at least one module")
 
 
 @dataclass
@@ -34,10 +67,9 @@ class LearnerConfig:
     bf16: bool = False
     gradient_checkpointing: bool = False
     max_consecutive_nonfinite: int = 3  # more non-finite losses in a row stop the job
+    lora: LoraConfig | None = None  # null: full fine-tuning
 
     def validate(self, where: str = "learner") -> None:
-        from base_model.errors import ConfigError
-
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{where}.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.lr <= 0:
@@ -74,12 +106,76 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+    """Inject LoRA adapters in place (the model keeps its class and methods); only adapters stay trainable."""
+    import peft
+
+    lora = peft.LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules)
+    )
+    try:
+        model = peft.inject_adapter_in_model(lora, model)
+    except ValueError as e:  # peft: no module matched target_modules
+        raise ConfigError(f"learner.lora.target_modules: {e}") from None
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    return model
+
+
+def lora_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, layer) of every module peft replaced (empty without LoRA)."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def _is_zero3_param(t: torch.Tensor) -> bool:
+    return hasattr(t, "ds_id")
+
+
+def _gathered(tensors: list[torch.Tensor]):
+    """ZeRO-3 parameters gathered in full for reading (a no-op for ordinary tensors)."""
+    params = [t for t in tensors if _is_zero3_param(t)]
+    if not params:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def merged_state_dict(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Plain-model state dict, fp32 on CPU: LoRA merged (W + alpha/r * B @ A), ZeRO-3 gathered tensor by tensor.
+
+    With keep=False (ranks other than 0) the collective gathers still happen but nothing is copied.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if ".lora_" in key:
+            continue
+        with _gathered([tensor]):
+            if keep:
+                out[key.replace(".base_layer.", ".")] = tensor.detach().float().cpu().clone()
+    for name, layer in lora_layers(model):
+        for adapter in layer.active_adapters:
+            a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight  # [r, in], [out, r]
+            with _gathered([a, b]):
+                if keep:
+                    out[f"{name}.weight"] += layer.scaling[adapter] * (b.detach().float() @ a.detach().float()).cpu()
+    return out
+
+
 class Learner:
-    def __init__(self, model: torch.nn.Module, cfg: LearnerConfig):
+    def __init__(self, model: torch.nn.Module, cfg: LearnerConfig, reference: bool = False):
+        """reference=True keeps a frozen copy of the starting model for `reference()` (LoRA needs none)."""
         import deepspeed
 
         ensure_single_process_env()
         self.cfg = cfg
+        self._reference = None
+        if reference and cfg.lora is None:
+            self._reference = self._frozen_copy(model)
+        if cfg.lora is not None:
+            model = apply_lora(model, cfg.lora)
         if cfg.gradient_checkpointing and hasattr(model, "set_gradient_checkpointing"):
             model.set_gradient_checkpointing(True)
         ds_config = {
@@ -105,10 +201,76 @@ class Learner:
         self.step_count = 0
         self.nonfinite_in_a_row = 0
         self.num_skipped = 0
+        if self._reference is not None and cfg.zero_stage != 3:
+            self._reference.to(self.engine.device)
+
+    def _frozen_copy(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A no-grad eval copy of the starting weights; under ZeRO-3 partitioned by a DeepSpeed inference engine."""
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        if self.cfg.zero_stage != 3:
+            return ref.to(torch.bfloat16) if self.cfg.bf16 else ref
+        import deepspeed
+
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {"stage": 3},
+            "bf16": {"enabled": self.cfg.bf16},
+        }  # fmt: skip
+        engine, *_ = deepspeed.initialize(model=ref, config=ds_config)
+        return engine.module
 
     @property
     def model(self) -> torch.nn.Module:
         return self.engine.module
+
+    @property
+    def rank(self) -> int:
+        return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+    @property
+    def world_size(self) -> int:
+        return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def mean_over_ranks(self, metrics: dict[str, float], weight: float = 1.0) -> dict[str, float]:
+        """Weighted mean of each metric over the ranks (every rank passes the same keys)."""
+        if self.world_size == 1:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([weight] + [weight * float(metrics[k]) for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(values)
+        total = values[0].item()
+        return {k: (values[i + 1].item() / total if total > 0 else float("nan")) for i, k in enumerate(keys)}
+
+    def _all_ranks(self, flag: bool) -> bool:
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0])
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+        return bool(value.item())
+
+    @contextmanager
+    def reference(self) -> Iterator[torch.nn.Module]:
+        """The frozen reference model under no_grad: the policy with LoRA adapters disabled, else the copy
+        kept at construction (`reference=True`)."""
+        if self.cfg.lora is None and self._reference is None:
+            raise RuntimeError("this learner keeps no reference (pass reference=True or use LoRA)")
+        if self._reference is not None:
+            with torch.no_grad():
+                yield self._reference
+            return
+        layers = [layer for _, layer in lora_layers(self.model)]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            with torch.no_grad():
+                yield self.model
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)  # peft also restores requires_grad of the active adapters
 
     def step(self, micro_batches: Sequence[Any], loss_fn: LossFn) -> dict[str, float]:
         """One optimizer update over `micro_batches` (gradient accumulation by loss scaling)."""
@@ -118,7 +280,7 @@ class Learner:
         finite = True
         for mb in micro_batches:
             loss, metrics = loss_fn(self.engine.module, mb)
-            if not torch.isfinite(loss.detach()).item():
+            if not self._all_ranks(bool(torch.isfinite(loss.detach()).item())):  # every rank skips together
                 finite = False
                 break
             self.engine.backward(loss / n)
@@ -141,17 +303,12 @@ class Learner:
         totals["train/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         totals["train/lr"] = lr
         totals["train/skipped_nonfinite"] = float(self.num_skipped)
-        return totals
+        return self.mean_over_ranks(totals)
 
-    def policy_weights(self) -> dict[str, torch.Tensor]:
-        """Full (gathered) fp32-on-CPU state dict of the policy, for rollout workers and checkpoints."""
-        import deepspeed
-
-        model = self.engine.module
-        if self.cfg.zero_stage == 3:
-            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-                return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
-        return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+    def policy_weights(self, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+        """Full fp32-on-CPU state dict of the plain policy (ZeRO-3 gathered, LoRA merged), for rollout workers
+        and checkpoints. Collective under ZeRO-3: every rank calls it; rank0_only leaves the others' dict empty."""
+        return merged_state_dict(self.engine.module, keep=not rank0_only or self.rank == 0)
 
     def save_state(self, directory: Path) -> None:
         """Engine (optimizer, ZeRO partitions) + step counters into directory/engine."""

@@ -3,8 +3,15 @@
 Both pools have the same small interface, so a job never knows which one it drives:
   map(method, [args, ...]) -> [result, ...]   one call per argument tuple, results in order,
                                               spread round-robin over the workers;
-  call_all(method, *args) -> [result per worker]   e.g. broadcast new weights;
-  shutdown()                                       release the workers.
+  imap_unordered(method, iterable of args)    a stream of (input index, result) as calls finish,
+                                              each worker kept busy, inputs read lazily;
+  call_all(method, *args, sticky=False)       the same call on every worker (e.g. new weights);
+                                              sticky calls are replayed on replacement workers;
+  shutdown()                                  release the workers.
+Fault tolerance (RayPool): a worker whose process dies is replaced by a fresh one (its constructor
+runs again, then the sticky calls), at most `max_restarts` times per pool, and the calls it held are
+re-run elsewhere, at most `max_task_retries` times each. Only idempotent methods belong in a pool
+(rollouts are: a sample depends only on its prompt id, index, seed and weights).
 Ray lives in this file and nowhere else. RayPool starts a local Ray on 127.0.0.1 unless an `address`
 is given ('auto' joins a cluster started with `ray start`); it never shuts Ray down, because other
 pools may share it: a driver that wants Ray gone calls `ray.shutdown()` at its end.
@@ -13,6 +20,7 @@ pools may share it: a driver that wants Ray gone calls `ray.shutdown()` at its e
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,8 +35,8 @@ class PoolConfig:
     num_workers: int = 1
     num_cpus_per_worker: float = 1.0
     num_gpus_per_worker: float = 0.0
-    max_restarts: int = 0  # Ray restarts of a crashed actor (its constructor runs again)
-    max_task_retries: int = 0  # retries of a call on a restarted actor; only for idempotent methods
+    max_restarts: int = 3  # dead workers replaced over the pool's life (constructor + sticky calls run again)
+    max_task_retries: int = 2  # re-runs of one call whose worker died (pool methods are idempotent)
     address: str | None = None  # None: start a local Ray; 'auto' / 'host:port': join a running cluster
     ray_num_cpus: int | None = None  # CPUs of a locally started Ray (None: all of them)
 
@@ -37,6 +45,8 @@ class PoolConfig:
             raise ConfigError(f"{where}.num_workers: must be >= 1, got {self.num_workers}")
         if self.num_cpus_per_worker < 0 or self.num_gpus_per_worker < 0:
             raise ConfigError(f"{where}: per-worker CPU/GPU counts must be >= 0")
+        if self.max_restarts < 0 or self.max_task_retries < 0:
+            raise ConfigError(f"{where}: max_restarts and max_task_retries must be >= 0")
 
 
 class LocalPool:
@@ -47,12 +57,23 @@ class LocalPool:
 
     def map(self, method: str, arg_tuples: list[tuple]) -> list[Any]:
         """`worker.method(*args)` for each args tuple, worker i % N; results in input order."""
-        n = len(self.workers)
-        return [getattr(self.workers[i % n], method)(*args) for i, args in enumerate(arg_tuples)]
+        return [result for _, result in self.imap_unordered(method, arg_tuples)]
 
-    def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        """The same call on every worker; one result per worker."""
+    def imap_unordered(
+        self, method: str, arg_tuples: Iterable[tuple], max_in_flight: int = 1
+    ) -> Iterator[tuple[int, Any]]:
+        """(input index, result) per call; in-process they finish in input order."""
+        n = len(self.workers)
+        for i, args in enumerate(arg_tuples):
+            yield i, getattr(self.workers[i % n], method)(*args)
+
+    def call_all(self, method: str, *args: Any, sticky: bool = False, **kwargs: Any) -> list[Any]:
+        """The same call on every worker; one result per worker (in-process workers never die)."""
         return [getattr(w, method)(*args, **kwargs) for w in self.workers]
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.workers)
 
     def shutdown(self) -> None:
         self.workers = []
@@ -71,8 +92,16 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address)
 
 
+class WorkerLostError(RuntimeError):
+    """A pool ran out of restarts or retries after its workers died."""
+
+
 class RayPool:
-    """`num_workers` Ray actors of the same plain `worker_cls`, each with its CPU/GPU resources."""
+    """`num_workers` Ray actors of the same plain `worker_cls`, each with its CPU/GPU resources.
+
+    Dead actors are replaced by the pool itself (Ray's own actor restart is off), so the pool knows
+    which calls were lost and re-runs them; see the module docstring.
+    """
 
     def __init__(
         self,
@@ -82,37 +111,109 @@ class RayPool:
         num_workers: int = 1,
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
-        max_restarts: int = 0,
-        max_task_retries: int = 0,
+        max_restarts: int = 3,
+        max_task_retries: int = 2,
         address: str | None = None,
         ray_num_cpus: int | None = None,
     ):
         import ray
 
         ensure_ray(address, ray_num_cpus)
-        remote_cls = ray.remote(
-            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=max_task_retries
-        )(worker_cls)
-        self.actors = [remote_cls.remote(*args, **(kwargs or {})) for _ in range(num_workers)]
+        self._remote_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(worker_cls)
+        self._args, self._kwargs = args, kwargs or {}
+        self.restarts_left, self.max_task_retries = max_restarts, max_task_retries
+        self.num_restarts = 0
+        self._sticky: dict[str, tuple[tuple, dict]] = {}  # method -> last broadcast args, replayed on new actors
+        self.actors = [self._remote_cls.remote(*self._args, **self._kwargs) for _ in range(num_workers)]
+        self.generation = [0] * num_workers  # bumped when slot i gets a fresh actor
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.actors)
+
+    def _replace(self, slot: int, generation: int, error: Exception) -> None:
+        """Give `slot` a fresh actor, unless a failure seen earlier already did."""
+        import ray
+
+        if self.generation[slot] != generation:
+            return
+        if self.restarts_left <= 0:
+            raise WorkerLostError(f"worker {slot} died and the pool has no restarts left ({error})") from error
+        self.restarts_left -= 1
+        self.num_restarts += 1
+        ray.kill(self.actors[slot], no_restart=True)
+        actor = self._remote_cls.remote(*self._args, **self._kwargs)
+        for method, (args, kwargs) in self._sticky.items():
+            getattr(actor, method).remote(*args, **kwargs)  # ordered before any later call on this actor
+        self.actors[slot] = actor
+        self.generation[slot] += 1
+        print(f"pool: worker {slot} died ({type(error).__name__}); replaced it, {self.restarts_left} restarts left")
+
+    def imap_unordered(
+        self, method: str, arg_tuples: Iterable[tuple], max_in_flight: int = 2
+    ) -> Iterator[tuple[int, Any]]:
+        """(input index, result) as calls finish; at most `max_in_flight` queued calls per actor, so a
+        worker always has its next call ready while inputs are read lazily. Calls of a dead worker
+        are re-run on the others (and on its replacement)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        inputs = enumerate(arg_tuples)
+        retry: list[tuple[int, tuple, int]] = []  # (index, args, tries so far)
+        pending: dict[Any, tuple[int, tuple, int, int, int]] = {}  # ref -> (index, args, tries, slot, gen)
+        load = [0] * len(self.actors)
+        exhausted = False
+        while True:
+            while not (exhausted and not retry) and min(load) < max_in_flight:
+                if retry:
+                    index, args, tries = retry.pop(0)
+                else:
+                    item = next(inputs, None)
+                    if item is None:
+                        exhausted = True
+                        continue
+                    (index, args), tries = item, 0
+                slot = load.index(min(load))
+                ref = getattr(self.actors[slot], method).remote(*args)
+                pending[ref] = (index, args, tries, slot, self.generation[slot])
+                load[slot] += 1
+            if not pending:
+                return
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            index, args, tries, slot, gen = pending.pop(ref)
+            if gen == self.generation[slot]:
+                load[slot] -= 1
+            try:
+                result = ray.get(ref)
+            except RayActorError as e:
+                if tries >= self.max_task_retries:
+                    raise WorkerLostError(f"call {method}#{index} lost its worker {tries + 1} times ({e})") from e
+                if gen == self.generation[slot]:
+                    load[slot] = 0  # the old actor's other calls are lost too; they come back as errors
+                self._replace(slot, gen, e)
+                retry.append((index, args, tries + 1))
+                continue
+            yield index, result
 
     def map(self, method: str, arg_tuples: list[tuple]) -> list[Any]:
-        """Calls spread round-robin over the actors, run concurrently; results in input order."""
+        """Calls spread over the actors, run concurrently; results in input order."""
+        results: dict[int, Any] = dict(self.imap_unordered(method, arg_tuples, max_in_flight=len(arg_tuples) or 1))
+        return [results[i] for i in range(len(arg_tuples))]
+
+    def call_all(self, method: str, *args: Any, sticky: bool = False, **kwargs: Any) -> list[Any]:
+        """The same call on every actor. `sticky`: also replay it on any actor that replaces a dead one
+        (e.g. the newest weights), so a replacement serves the same policy version."""
         import ray
 
-        n = len(self.actors)
-        refs = [getattr(self.actors[i % n], method).remote(*args) for i, args in enumerate(arg_tuples)]
-        return ray.get(refs)
-
-    def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        import ray
-
+        if sticky:
+            self._sticky[method] = (args, kwargs)
         return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
 
     def shutdown(self) -> None:
         import ray
 
         for actor in self.actors:
-            ray.kill(actor)
+            ray.kill(actor, no_restart=True)
         self.actors = []
 
 

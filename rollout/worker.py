@@ -23,8 +23,12 @@ class RolloutWorker:
         dtype: str = "float32",
         micro_batch_samples: int = 16,
         run_seed: int = 0,
+        num_threads: int | None = None,
     ):
-        """model: checkpoint directory or a random preset (`tiny`, `mid`); dtype float32 / bfloat16."""
+        """model: checkpoint directory or a random preset (`tiny`, `mid`); dtype float32 / bfloat16;
+        num_threads: torch CPU threads (CPU results are bit-identical only at equal thread counts)."""
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
         self.device, self.dtype = device, getattr(torch, dtype)
         self.bundle = resolve_model(model, dtype=self.dtype, device=device)
         self.sampling = sampling
@@ -37,6 +41,12 @@ class RolloutWorker:
         self.bundle.model.load_state_dict({k: v.to(self.device, self.dtype) for k, v in state_dict.items()})
         self.policy_version = version
         return version
+
+    def pid(self) -> int:
+        """The worker's process id (in-process: the driver's)."""
+        import os
+
+        return os.getpid()
 
     def load_checkpoint(self, directory: str, version: int) -> int:
         self.bundle = load_checkpoint(directory, dtype=self.dtype, device=self.device)

@@ -27,3 +27,15 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Start Ray once for every `ray` test of the session (about 4 s); shut it down at the end."""
+    import ray
+
+    from rollout.pools import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    yield
+    ray.shutdown()

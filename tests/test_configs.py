@@ -11,6 +11,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SCHEMAS = {  # configs/<dir>/*.yaml -> "module:Schema"
     "sft": "alignment.jobs.sft:SftConfig",
     "rewards": "rewards.base:RewardsConfig",
+    "prefs": "rollout.build_prefs:BuildPrefsConfig",
+    "dpo": "alignment.jobs.dpo:DpoConfig",
+    "grpo": "alignment.jobs.grpo:GrpoConfig",
 }
 ALL = sorted(CONFIGS.rglob("*.yaml"))
 

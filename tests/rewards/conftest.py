@@ -1,4 +1,4 @@
-"""Shared fixtures for reward tests: local tokenizer files, images, and one Ray per test session."""
+"""Shared fixtures for reward tests: local tokenizer files, images, and Ray comes from tests/conftest.py."""
 
 import importlib.util
 from pathlib import Path
@@ -23,15 +23,3 @@ def clip_processor_dir(tmp_path_factory) -> str:
     from rewards.pickscore import write_clip_processor_dir
 
     return str(write_clip_processor_dir(tmp_path_factory.mktemp("clip_processor")))
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    """Start Ray once for every `ray` test of the session (about 4 s); shut it down at the end."""
-    import ray
-
-    from rollout.pools import ensure_ray
-
-    ensure_ray(num_cpus=2)
-    yield
-    ray.shutdown()

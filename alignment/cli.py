@@ -19,6 +19,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "build-prefs": ("rollout.build_prefs", "build a preference dataset: sample, score, pick pairs (resumable)"),
     "dpo": ("alignment.jobs.dpo", "Diffusion-DPO on a build-prefs dataset (resumes from `latest`)"),
     "grpo": ("alignment.jobs.grpo", "online (prefix-)GRPO: rollout -> rewards -> learner -> weights (resumes)"),
+    "evaluate": ("alignment.jobs.evaluate", "score checkpoints x held-out prompts x fixed seeds (paired, resumable)"),
+    "select": ("alignment.jobs.select", "pick a run's checkpoint: rewards, drift guards, paired bootstrap CIs"),
+    "dashboard": ("dashboard.cli", "static HTML dashboard comparing checkpoints, rewards and preference data"),
 }
 
 

@@ -14,6 +14,8 @@ SCHEMAS = {  # configs/<dir>/*.yaml -> "module:Schema"
     "prefs": "rollout.build_prefs:BuildPrefsConfig",
     "dpo": "alignment.jobs.dpo:DpoConfig",
     "grpo": "alignment.jobs.grpo:GrpoConfig",
+    "evaluate": "alignment.jobs.evaluate:EvaluateConfig",
+    "select": "alignment.jobs.select:SelectConfig",
 }
 ALL = sorted(CONFIGS.rglob("*.yaml"))
 

@@ -1,0 +1,107 @@
+"""`nsalign dashboard RUN_DIR [RUN_DIR ...] --out DIR [--serve]`: one self-contained HTML page.
+
+RUN_DIRs may be eval directories (nsalign evaluate), run directories (metrics.jsonl; their
+select/eval/ and selection.json are picked up) and preference datasets (nsalign build-prefs). The
+page is DIR/index.html; it opens from file:// with no network. `--serve` serves DIR on 127.0.0.1
+only, for `--serve-seconds` at most (Ctrl-C stops it earlier). `--wandb` also logs the tables to
+wandb (offline unless WANDB_MODE says otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from dashboard.build import DashboardError, build_data
+from dashboard.page import render
+
+
+def write_page(out: Path, data: dict) -> Path:
+    """DIR/index.html, written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / "index.html"
+    tmp = out / f".index.html.tmp-{os.getpid()}"
+    tmp.write_text(render(data), encoding="utf-8")
+    os.replace(tmp, final)
+    return final
+
+
+def log_wandb(out: Path, data: dict) -> None:
+    """The checkpoint x reward tables and win rates as wandb Tables (offline by default)."""
+    import wandb
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    run = wandb.init(project="nextstep-align", name="dashboard", dir=str(out), job_type="dashboard")
+    for k, s in enumerate(data["evals"]):
+        rows = []
+        for i, c in enumerate(s["checkpoints"]):
+            for r in s["rewards"]:
+                t, d = s["table"][r][i], s["deltas"][s["baseline"]][r][i]
+                rows.append([c, r, t["mean"], t["lo"], t["hi"], d["delta"], d["lo"], d["hi"]])
+        cols = [
+            "checkpoint",
+            "reward",
+            "mean",
+            "ci_low",
+            "ci_high",
+            "delta_vs_baseline",
+            "delta_ci_low",
+            "delta_ci_high",
+        ]
+        run.log({f"eval{k}/rewards": wandb.Table(columns=cols, data=rows)})
+        for r in s["rewards"]:
+            win = [[c, *row] for c, row in zip(s["checkpoints"], s["winrates"][r])]
+            run.log({f"eval{k}/win_rate/{r}": wandb.Table(columns=["checkpoint", *s["checkpoints"]], data=win)})
+    run.finish()
+
+
+def serve(out: Path, port: int, seconds: float) -> None:
+    """Serve `out` on 127.0.0.1:port until `seconds` pass or Ctrl-C."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(out))
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    timer = threading.Timer(seconds, server.shutdown)
+    timer.daemon = True
+    timer.start()
+    print(f"dashboard: serving http://127.0.0.1:{server.server_address[1]}/ for {seconds:.0f} s (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        timer.cancel()
+        server.server_close()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", type=Path, help="eval dirs, run dirs, preference datasets")
+    p.add_argument("--out", type=Path, required=True, help="output directory (index.html goes there)")
+    p.add_argument("--baseline", default=None, help="checkpoint the deltas start from (default: base / first)")
+    p.add_argument("--num-resamples", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--max-grid-prompts", type=int, default=200, help="prompts shown in the image grid")
+    p.add_argument("--wandb", action="store_true", help="also log the tables to wandb (offline by default)")
+    p.add_argument("--serve", action="store_true", help="serve the page on 127.0.0.1")
+    p.add_argument("--port", type=int, default=8765, help="port for --serve (0: any free port)")
+    p.add_argument("--serve-seconds", type=float, default=3600.0, help="stop serving after this long")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        data = build_data(args.run_dirs, args.baseline, args.num_resamples, args.max_grid_prompts)
+        page = write_page(args.out, data)
+    except (DashboardError, OSError) as e:
+        print(f"nsalign dashboard: error: {e}", file=sys.stderr)
+        return 2
+    n_ckpt = sum(len(s["checkpoints"]) for s in data["evals"])
+    print(f"dashboard: {len(data['evals'])} evaluations ({n_ckpt} checkpoints), {len(data['runs'])} runs with "
+          f"metrics, {len(data['prefs'])} preference datasets -> {page}")  # fmt: skip
+    if args.wandb:
+        log_wandb(args.out, data)
+    if args.serve:
+        serve(args.out, args.port, args.serve_seconds)
+    return 0

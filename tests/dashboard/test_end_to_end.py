@@ -201,3 +201,30 @@ def test_dashboard_in_headless_chromium(pipeline):
         assert browser.save_screenshot(str(SCREENSHOT))
     finally:
         browser.quit()
+
+
+def test_dashboard_imports_no_training_code():
+    import subprocess
+    import sys
+
+    code = ("import sys, dashboard.cli, dashboard.build; "
+            "print([m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'alignment', 'base_model', 'rollout', 'rewards', 'deepspeed', 'ray')])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def test_dashboard_tables_to_wandb_offline(pipeline, tmp_path):
+    assert main(["dashboard", str(pipeline["run"]), "--out", str(tmp_path), "--wandb", "--num-resamples", "100"]) == 0
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_evaluate_on_ray_matches_in_process(pipeline, tmp_path, ray_session):
+    common = [str(EVALUATE), f"run_dir={pipeline['run']}", f"prompts.path={pipeline['prompts']}",
+              "rollout.num_threads=1", "checkpoints=[]"]  # fmt: skip
+    assert main(["evaluate", *common, f"out_dir={tmp_path / 'local'}"]) == 0
+    ray_pool = ["rollout.pool.kind=ray", "rollout.pool.num_workers=2", "rollout.pool.num_cpus_per_worker=0.5"]
+    assert main(["evaluate", *common, *ray_pool, f"out_dir={tmp_path / 'ray'}"]) == 0
+    assert _parquet_means(tmp_path / "local") == _parquet_means(tmp_path / "ray")

@@ -56,16 +56,17 @@ def throughput_rows(preset: str, num_prompts: int, samples: int, steps: int, tmp
               f"samples_per_prompt={samples}", "prompts_per_shard=1", f"sampling.num_head_steps={steps}",
               "sampling.cfg_scale=7.5", "pairs.top_k=1", f"rollout.micro_batch_samples={samples}"]  # fmt: skip
     runs = {
-        "in-process (2 threads)": ["rollout.pool.kind=local", "rollout.num_threads=2"],
-        "Ray, 1 worker (2 threads)": ["rollout.pool.kind=ray", "rollout.pool.num_workers=1",
-                                      "rollout.pool.num_cpus_per_worker=2", "rollout.num_threads=2"],
-        "Ray, 2 workers (1 thread each)": ["rollout.pool.kind=ray", "rollout.pool.num_workers=2",
-                                           "rollout.pool.num_cpus_per_worker=1", "rollout.num_threads=1"],
+        "in-process, 1 thread": ["rollout.pool.kind=local", "rollout.num_threads=1"],
+        "Ray, 1 worker x 1 thread": ["rollout.pool.kind=ray", "rollout.pool.num_workers=1",
+                                     "rollout.pool.num_cpus_per_worker=1", "rollout.num_threads=1"],
+        "in-process, 2 threads": ["rollout.pool.kind=local", "rollout.num_threads=2"],
+        "Ray, 2 workers x 1 thread": ["rollout.pool.kind=ray", "rollout.pool.num_workers=2",
+                                      "rollout.pool.num_cpus_per_worker=1", "rollout.num_threads=1"],
     }  # fmt: skip
     ensure_ray(num_cpus=2)
     results = {name: build(tmp / f"{preset}-{i}", common + extra) for i, (name, extra) in enumerate(runs.items())}
     ray.shutdown()
-    base = results["in-process (2 threads)"]["prompts_per_s"]
+    base = results["in-process, 1 thread"]["prompts_per_s"]
     return [
         (preset, name, f"{r['prompts_per_s']:.3f}", f"{r['prompts_per_s'] * samples:.2f}",
          f"{r['prompts_per_s'] / base:.2f}x", f"{r['first_shard_s']:.1f}", f"{r['wall_s']:.1f}")
@@ -142,14 +143,15 @@ def main() -> None:
         rows = throughput_rows("tiny", n_tiny, 8, 20, tmp) + throughput_rows("mid", n_mid, 8, 20, tmp)
         mem = {n: peak_memory(n, tmp) for n in ((200, 2000) if args.quick else (1000, 10000))}
     ray1 = {r[0]: float(r[4][:-1]) for r in rows if r[1].startswith("Ray, 1")}
-    overhead = {preset: 1 / ratio - 1 for preset, ratio in ray1.items()}
+    overhead = {preset: 1 / ratio - 1 for preset, ratio in ray1.items()}  # time per prompt, Ray vs in-process
     (small, m_small), (large, m_large) = mem.items()
     text = "\n\n".join([
         "# Rollout benchmark (CPU, 2 cores; build-prefs on random tiny/mid, 64x64, cfg 7.5, 20 head steps, "
         "8 samples per prompt, JPEG reward)",
         table(("preset", "pool", "prompts/s", "images/s", "vs in-process", "first shard s", "wall s"), rows),
         table(("measure", "value"), [
-            *[(f"Ray overhead, 1 worker vs in-process ({p})", f"{o * 100:+.1f}%") for p, o in overhead.items()],
+            *[(f"Ray overhead: time per prompt, Ray 1 worker vs in-process, 1 thread each ({p})", f"{o * 100:+.1f}%")
+              for p, o in overhead.items()],
             (f"peak RSS, {small} prompts", f"{m_small['peak_mib']:.0f} MiB ({m_small['wall_s']:.0f} s)"),
             (f"peak RSS, {large} prompts", f"{m_large['peak_mib']:.0f} MiB ({m_large['wall_s']:.0f} s)"),
             (f"peak RSS ratio {large} / {small} prompts", f"{m_large['peak_mib'] / m_small['peak_mib']:.2f}x"),

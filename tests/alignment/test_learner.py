@@ -78,3 +78,56 @@ def test_resume_is_exact(tmp_path):
         resumed.step(data, loss_fn)
     a, b = straight.policy_weights(), resumed.policy_weights()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_step_trains_only_adapters_and_merges_into_plain_weights():
+    """A LoRA DPO step moves adapter weights only; the reference (adapters off) is the starting model;
+    policy_weights() has the plain keys with W + (alpha/r) B @ A and loads into a plain model."""
+    from alignment.jobs.dpo import PairBatch, pair_errors
+    from alignment.learner import LoraConfig, lora_layers
+    from alignment.losses import diffusion_dpo_loss
+
+    bundle = build_random("tiny", seed=0)
+    start = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+    lora = LoraConfig(rank=4, alpha=8.0, target_modules=["mlp.0", "final_layer.linear"])
+    learner = Learner(bundle.model.train(), LearnerConfig(lr=1e-2, zero_stage=2, lora=lora))
+    g = torch.Generator().manual_seed(0)
+    batch = PairBatch(
+        prompts=["a cat", "a dog"], chosen=torch.randn(2, 16, 64, generator=g),
+        rejected=torch.randn(2, 16, 64, generator=g), t=torch.rand(2, 16, generator=g),
+        noise=torch.randn(2, 16, 64, generator=g),
+    )  # fmt: skip
+
+    def errors(model):
+        return pair_errors(model, bundle.tokenizer, bundle.ids, batch, 64)
+
+    def loss_fn(model, b):
+        with learner.reference() as ref:
+            ref_w, ref_l = errors(ref)
+        out = diffusion_dpo_loss(*errors(model), ref_w, ref_l, beta=100.0)
+        return out.loss, {}
+
+    before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+    first = learner.step([batch], loss_fn)
+    assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-6)  # B = 0 at init: policy == reference
+    learner.step([batch], loss_fn)
+    changed = {n for n, p in learner.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".lora_" in n for n in changed) and any(".lora_A." in n for n in changed)
+    assert all(p.requires_grad == (".lora_" in n) for n, p in learner.model.named_parameters())
+
+    plain_start = build_random("tiny", seed=0).model
+    with learner.reference() as ref:
+        assert torch.equal(errors(ref)[0], errors(plain_start)[0])
+
+    merged = learner.policy_weights()
+    assert set(merged) == set(start)
+    layer = dict(lora_layers(learner.model))["image_head.net.final_layer.linear"]
+    a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    key = "image_head.net.final_layer.linear.weight"
+    assert torch.allclose(merged[key], start[key] + 2.0 * b @ a, atol=1e-7)  # alpha / rank = 8 / 4
+    assert torch.equal(merged["lm_head.weight"], start["lm_head.weight"])
+    plain = build_random("tiny", seed=1).model
+    plain.load_state_dict(merged, strict=True)
+    learner.model.eval()
+    assert torch.allclose(errors(plain)[0], errors(learner.model)[0], atol=1e-5)
+    assert not torch.allclose(errors(plain)[0], errors(plain_start)[0], atol=1e-5)

@@ -164,3 +164,18 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def save_published(bundle, weights: dict[str, torch.Tensor], directory: Path, dtype: torch.dtype | None = None) -> None:
+    """Plain-model `weights` (`Learner.policy_weights()`: gathered under ZeRO-3, LoRA merged) into the
+    published layout, with the bundle's tokenizer and VAE. Never the engine's module state: under
+    ZeRO-3 its parameters are empty partitions."""
+    from dataclasses import replace
+
+    from base_model.checkpoint import save_checkpoint
+    from base_model.model import NextStepModel
+
+    with torch.device("meta"):
+        plain = NextStepModel(bundle.model.config)
+    plain.load_state_dict(weights, strict=True, assign=True)
+    save_checkpoint(replace(bundle, model=plain), directory, dtype=dtype)

@@ -20,7 +20,7 @@ import argparse
 import hashlib
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -174,17 +174,6 @@ def dpo_metrics(out, area: str) -> dict[str, float]:
 # -- the job --------------------------------------------------------------------------------------
 
 
-def save_published(bundle, weights: dict[str, torch.Tensor], directory: Path, dtype: torch.dtype | None) -> None:
-    """Plain-model `weights` (LoRA merged) into the published layout, with the bundle's tokenizer and VAE."""
-    from base_model.checkpoint import save_checkpoint
-    from base_model.model import NextStepModel
-
-    with torch.device("meta"):
-        plain = NextStepModel(bundle.model.config)
-    plain.load_state_dict(weights, strict=True, assign=True)
-    save_checkpoint(replace(bundle, model=plain), directory, dtype=dtype)
-
-
 def check_pairs_fit(pairs, bundle, where: str) -> None:
     """Token shapes of the dataset against the model: [N, (S/16)^2, token_dim]."""
     from base_model.sequence import grid_for_size
@@ -213,6 +202,7 @@ def run_dpo(cfg: DpoConfig) -> Path:
         latest_checkpoint,
         load_trainer_state,
         prepare_run_dir,
+        save_published,
     )  # fmt: skip
     from base_model.checkpoint import resolve_model
     from rollout.prefs_format import read_pairs

@@ -120,8 +120,9 @@ def run_sft(cfg: SftConfig) -> Path:
         latest_checkpoint,
         load_trainer_state,
         prepare_run_dir,
+        save_published,
     )  # fmt: skip
-    from base_model.checkpoint import resolve_model, save_checkpoint
+    from base_model.checkpoint import resolve_model
     from base_model.sequence import build_prompt_batch
     from base_model.teacher_forcing import sft_loss
 
@@ -163,8 +164,8 @@ def run_sft(cfg: SftConfig) -> Path:
         progress.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}")
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
             step_dir = checkpoint_dir(run, state.step)
-            bundle.model = learner.model
-            save_checkpoint(bundle, step_dir / "model")
+            dtype = torch.bfloat16 if cfg.learner.bf16 else None
+            save_published(bundle, learner.policy_weights(), step_dir / "model", dtype)
             learner.save_state(step_dir)
             finish_checkpoint(run, step_dir, state, cfg.keep_last)
     logger.close()

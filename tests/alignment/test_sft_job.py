@@ -13,7 +13,7 @@ from PIL import Image
 from alignment.cli import main
 from alignment.jobs.sft import SftConfig, SftDataConfig, run_sft, sample_order
 from alignment.learner import LearnerConfig
-from base_model.checkpoint import load_checkpoint
+from base_model.checkpoint import build_random, load_checkpoint
 
 pytestmark = pytest.mark.deepspeed
 
@@ -70,3 +70,13 @@ def test_bad_config_and_missing_data_exit_2(tmp_path, capsys):
     assert main(["sft", str(good), "learner.zero_stage=5"]) == 2
     assert "zero_stage" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "x").exists()  # nothing written before the input is validated
+
+
+def test_zero3_publishes_the_full_trained_weights(tmp_path, data):
+    """Under ZeRO-3 the engine's module holds empty partitions: the checkpoint must hold gathered weights."""
+    cfg = _cfg(tmp_path, data, "z3", 1)
+    cfg.learner.zero_stage = 3
+    run = run_sft(cfg)
+    start = build_random("tiny").model.state_dict()
+    saved = load_checkpoint(run / "step_000001" / "model").model.state_dict()  # loads: every shape is full
+    assert any(not torch.equal(start[k], saved[k]) for k in start)  # and it is the trained model

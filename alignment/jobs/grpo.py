@@ -301,7 +301,7 @@ class GrpoTrainer:
     def sync_weights(self) -> None:
         """Broadcast the learner's weights as `state.policy_version` to every rollout worker."""
         weights = self.learner.policy_weights()
-        self.rollout_pool.call_all("load_weights", weights, self.state.policy_version)
+        self.rollout_pool.call_all("load_weights", weights, self.state.policy_version, sticky=True)
 
     def save(self) -> None:
         from alignment.runs import checkpoint_dir, finish_checkpoint

@@ -47,3 +47,38 @@ def test_kl_to_an_identical_reference_is_zero_and_positive_after_a_change(rollou
         ref.image_head.net.final_layer.linear.bias.add_(0.1)
     _, m2 = grpo_objective(model, ref, *args)
     assert m2["grpo/kl"] > 1e-4
+
+
+def _chain_log_probs(model, w, batch) -> torch.Tensor:
+    """Sum of every recorded step's log-prob per sample [B] under `model` (no CFG, as in training)."""
+    from base_model.sequence import build_prompt_batch
+    from base_model.teacher_forcing import score_chains
+
+    pb = build_prompt_batch(w.bundle.tokenizer, w.bundle.ids, batch.prompts, (64, 64), with_uncond=False)
+    with torch.no_grad():
+        return score_chains(model, pb, w.bundle.ids, batch.tokens, batch.chains, SAMPLING).log_probs.sum((1, 2))
+
+
+def _after_one_sgd_step(w, batch, adv: torch.Tensor, lr: float = 1e-4):
+    model = copy.deepcopy(w.bundle.model)
+    weights = trained_mask("full", 16, 4).float()
+    loss, _ = grpo_objective(model, None, w.bundle.tokenizer, w.bundle.ids, batch, adv, weights, 10.0, 0.0)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.sub_(lr * p.grad)
+    return model
+
+
+def test_one_gradient_step_moves_likelihood_toward_the_positive_advantage(rollout):
+    """The sign check of the whole objective: after one small SGD step on the GRPO loss with A = [+1, -1, 0],
+    the chain log-likelihood of sample 0 gains on sample 1 (first order: sum_i A_i dlogp_i = lr |grad|^2 > 0);
+    the opposite advantages move it the other way."""
+    w, batch = rollout
+    before = _chain_log_probs(w.bundle.model, w, batch)
+    adv = torch.tensor([1.0, -1.0, 0.0])
+    gain = _chain_log_probs(_after_one_sgd_step(w, batch, adv), w, batch) - before  # [3]
+    assert float(gain[0] - gain[1]) > 0
+    gain = _chain_log_probs(_after_one_sgd_step(w, batch, -adv), w, batch) - before
+    assert float(gain[0] - gain[1]) < 0

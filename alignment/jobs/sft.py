@@ -40,6 +40,7 @@ class SftConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     checkpoint_every: int = 50
     keep_last: int = 3
+    ema_decay: float | None = None  # e.g. 0.999: keep an EMA of the weights, saved as step_N/ema (a `select` candidate)
     seed: int = 0
     tensorboard: bool = False
     wandb: bool = False
@@ -52,6 +53,8 @@ class SftConfig:
         for name in ("steps", "micro_batch_samples", "micro_batches_per_step", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"{where}.ema_decay: must be in (0, 1), got {self.ema_decay}")
         self.learner.validate(f"{where}.learner")
 
     @property
@@ -107,6 +110,12 @@ def sample_order(num_items: int, seed: int, position: int, count: int) -> list[i
     return out
 
 
+def ema_update(ema: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], decay: float) -> None:
+    """In place, every tensor: ema <- decay * ema + (1 - decay) * weights (fp32)."""
+    for name, value in weights.items():
+        ema[name].mul_(decay).add_(value.float(), alpha=1.0 - decay)
+
+
 def run_sft(cfg: SftConfig) -> Path:
     """The SFT job. Returns the run directory."""
     from tqdm.auto import tqdm
@@ -122,7 +131,7 @@ def run_sft(cfg: SftConfig) -> Path:
         prepare_run_dir,
         save_published,
     )  # fmt: skip
-    from base_model.checkpoint import resolve_model
+    from base_model.checkpoint import read_state_dict, resolve_model
     from base_model.sequence import build_prompt_batch
     from base_model.teacher_forcing import sft_loss
 
@@ -143,6 +152,10 @@ def run_sft(cfg: SftConfig) -> Path:
         learner.load_state(resume_from)
         state = load_trainer_state(resume_from)
         print(f"sft: resumed from {resume_from.name} (step {state.step})")
+    ema = None
+    if cfg.ema_decay is not None:  # fp32 on the CPU; saved in fp32 unless bf16, so a resume continues it exactly
+        start = learner.policy_weights()
+        ema = start if resume_from is None else {**start, **read_state_dict(resume_from / "ema", torch.float32)}
     logger = MetricsLogger(run, tensorboard=cfg.tensorboard, wandb=cfg.wandb)
     logger.truncate_after(state.step)
     size = (cfg.data.image_size, cfg.data.image_size)
@@ -156,7 +169,10 @@ def run_sft(cfg: SftConfig) -> Path:
     for _ in progress:
         order = sample_order(len(captions), cfg.seed, state.consumed_prompts, cfg.samples_per_step)
         micro = [order[i : i + cfg.micro_batch_samples] for i in range(0, len(order), cfg.micro_batch_samples)]
+        updates_before = learner.step_count
         metrics = learner.step(micro, loss_fn)
+        if ema is not None and learner.step_count > updates_before:  # a skipped step leaves the EMA alone
+            ema_update(ema, learner.policy_weights(), cfg.ema_decay)
         state.consumed_prompts += cfg.samples_per_step
         state.step = learner.step_count
         state.num_skipped_steps = learner.num_skipped
@@ -166,6 +182,8 @@ def run_sft(cfg: SftConfig) -> Path:
             step_dir = checkpoint_dir(run, state.step)
             dtype = torch.bfloat16 if cfg.learner.bf16 else None
             save_published(bundle, learner.policy_weights(), step_dir / "model", dtype)
+            if ema is not None:
+                save_published(bundle, ema, step_dir / "ema", dtype)
             learner.save_state(step_dir)
             finish_checkpoint(run, step_dir, state, cfg.keep_last)
     logger.close()

@@ -80,3 +80,20 @@ def test_zero3_publishes_the_full_trained_weights(tmp_path, data):
     start = build_random("tiny").model.state_dict()
     saved = load_checkpoint(run / "step_000001" / "model").model.state_dict()  # loads: every shape is full
     assert any(not torch.equal(start[k], saved[k]) for k in start)  # and it is the trained model
+
+
+def test_ema_weights_follow_the_formula_and_survive_a_resume(tmp_path, data):
+    """ema_2 = d (d w0 + (1 - d) w1) + (1 - d) w2 with w_k the weights after step k; step 2 is a resumed run."""
+    d = 0.9
+    cfg = _cfg(tmp_path, data, "ema", 1)
+    cfg.checkpoint_every, cfg.keep_last, cfg.ema_decay = 1, 5, d
+    run = run_sft(cfg)
+    cfg.steps = 2
+    run_sft(cfg)  # the same command with more steps: resumes the EMA from step_000001/ema
+    w0 = build_random("tiny").model.state_dict()
+    w1, w2, ema = (load_checkpoint(run / f).model.state_dict() for f in ("step_000001/model", "step_000002/model",
+                                                                          "step_000002/ema"))  # fmt: skip
+    for k in w0:
+        expected = d * (d * w0[k] + (1 - d) * w1[k]) + (1 - d) * w2[k]
+        torch.testing.assert_close(ema[k], expected, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(ema[k], w2[k]) for k in w0)

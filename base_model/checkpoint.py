@@ -43,13 +43,16 @@ class NextStepBundle:
     vae: NextStepVAE
 
 
-def build_random(preset: str = "tiny", seed: int = 0, vae_preset_name: str = "tiny") -> NextStepBundle:
-    """A randomly initialised model of a preset with the in-process byte-level tokenizer (tests, CPU)."""
+def build_random(
+    preset: str = "tiny", seed: int = 0, vae_preset_name: str = "tiny", overrides: dict | None = None
+) -> NextStepBundle:
+    """A randomly initialised model of a preset (+ config `overrides`) with the in-process byte-level tokenizer."""
     tok = build_tiny_tokenizer()
     ids = special_ids(tok)
     config = preset_config(
         preset, vocab_size=len(tok), pad_token_id=ids.pad, pad_token_id_added=ids.pad,
         image_area_id=ids.image_area, boi=ids.boi, eoi=ids.eoi, image_placeholder_id=ids.placeholder,
+        **(overrides or {}),
     )  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     model = NextStepModel(config)

@@ -16,6 +16,8 @@ SCHEMAS = {  # configs/<dir>/*.yaml -> "module:Schema"
     "grpo": "alignment.jobs.grpo:GrpoConfig",
     "evaluate": "alignment.jobs.evaluate:EvaluateConfig",
     "select": "alignment.jobs.select:SelectConfig",
+    "shapes": "alignment.jobs.sft:SftConfig",
+    "shapes_world": "shapes.build_world:WorldConfig",
 }
 ALL = sorted(CONFIGS.rglob("*.yaml"))
 

@@ -1,0 +1,239 @@
+"""Rebuild the shapes world into one directory: data, a trained tiny VAE, a pre-trained tiny NextStep.
+
+    python -m shapes.build_world configs/shapes_world/world.yaml --out runs/shapes_world [key=value ...]
+    nsalign shapes-world configs/shapes_world/world.yaml --out runs/shapes_world
+
+OUT/data/      pretrain.parquet (noisy captions), sft.parquet (clean), prefs.jsonl, eval.jsonl,
+               metadata.jsonl (GenEval records of every caption of the world: the rule reward's table)
+OUT/vae/       the VAE in the published layout (checkpoint.pt + config.json)
+OUT/init/      random NextStep of `model` sizes + that VAE (the SFT job's `model:`)
+OUT/runs/pretrain/   the `nsalign sft` run of `pretrain_config` (configs/shapes/pretrain.yaml)
+OUT/pretrained/      its last checkpoint, copied (published layout)
+OUT/rewards.yaml     a RewardsConfig: the rule reward (`type: geneval`, shapes detector)
+OUT/eval_pretrained.json, OUT/samples_pretrained.png: held-out strict/partial scores and a sample grid
+OUT/build.json       wall and CPU seconds of every stage
+Every stage is seeded; the same config on the same machine gives the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from base_model.errors import ConfigError
+from base_model.schema import load_config, to_dict
+from shapes.splits import WorldDataConfig, image_split, partition, prompt_split, write_metadata, write_parquet
+from shapes.train_vae import VaeTrainConfig
+
+DETECTOR = "shapes.detect:ShapesDetector"
+
+
+@dataclass
+class ModelSizeConfig:
+    """Sizes of the tiny NextStep (overrides of the `tiny` preset)."""
+
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 256
+    fm_head_dim: int = 128
+    fm_head_layers: int = 3
+
+    def validate(self, where: str = "model") -> None:
+        for name, value in to_dict(self).items():
+            if value < 1:
+                raise ConfigError(f"{where}.{name}: must be >= 1, got {value}")
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"{where}.num_attention_heads: must divide hidden_size and be a multiple of "
+                              "num_key_value_heads")  # fmt: skip
+
+
+@dataclass
+class WorldEvalConfig:
+    """Held-out evaluation of the pre-trained model: eval prompts x seeds, rule reward."""
+
+    seeds_per_prompt: int = 2
+    cfg_scale: float = 1.0  # the SFT job trains no unconditional branch
+    num_head_steps: int = 25
+    batch_size: int = 32
+    grid_prompts: int = 16  # rows of the sample grid (4 seeds each)
+
+
+@dataclass
+class WorldConfig:
+    """`configs/shapes_world/*.yaml`: everything `build_world` rebuilds."""
+
+    data: WorldDataConfig = field(default_factory=WorldDataConfig)
+    vae: VaeTrainConfig = field(default_factory=VaeTrainConfig)
+    model: ModelSizeConfig = field(default_factory=ModelSizeConfig)
+    pretrain_config: str = "configs/shapes/pretrain.yaml"  # an SftConfig; model/data/runs_root are set here
+    pretrain_overrides: list[str] = field(default_factory=list)  # extra key=value for it
+    eval: WorldEvalConfig = field(default_factory=WorldEvalConfig)
+    seed: int = 0  # NextStep init
+
+
+def world_images(cfg: WorldDataConfig) -> torch.Tensor:
+    """uint8 [N, 3, S, S]: the pre-training split's images (what the VAE trains on)."""
+    from shapes.scenes import render
+
+    return torch.from_numpy(np.stack([render(e.scene, cfg.image_size) for e in image_split(cfg, "pretrain")]))\
+        .permute(0, 3, 1, 2).contiguous()  # fmt: skip
+
+
+def write_data(cfg: WorldDataConfig, out: Path) -> dict[str, Path]:
+    """All split files under out/ (see the module docstring)."""
+    from shapes.scenes import all_specs
+
+    files = {
+        "pretrain": write_parquet(image_split(cfg, "pretrain"), out / "pretrain.parquet", cfg.image_size),
+        "sft": write_parquet(image_split(cfg, "sft"), out / "sft.parquet", cfg.image_size),
+        "prefs": write_metadata([e.spec for e in prompt_split(cfg, "prefs")], out / "prefs.jsonl"),
+        "eval": write_metadata([e.spec for e in prompt_split(cfg, "eval")], out / "eval.jsonl"),
+        "metadata": write_metadata(all_specs(cfg.colors, cfg.shapes), out / "metadata.jsonl"),
+    }
+    pools = partition(cfg)
+    held_out = sorted(s for kind in pools["eval"].values() for s in map(_caption, kind))
+    (out / "eval_pool.txt").write_text("".join(c + "\n" for c in held_out), encoding="utf-8")
+    return files
+
+
+def _caption(spec) -> str:
+    from shapes.scenes import caption
+
+    return caption(spec)
+
+
+def rewards_config(metadata: Path, score: str = "strict") -> dict:
+    """A RewardsConfig mapping with the shapes rule reward (strict or partial score)."""
+    params = {"metadata": str(metadata), "detector": DETECTOR, "score": score}
+    return {"rewards": [{"name": "shapes", "type": "geneval", "params": params}], "device": "cpu"}
+
+
+def init_model(cfg: WorldConfig, vae_dir: Path, out: Path) -> Path:
+    """Random NextStep of cfg.model sizes + the trained VAE, saved in the published layout."""
+    from base_model.checkpoint import build_random, save_checkpoint
+    from base_model.vae import load_vae
+
+    bundle = build_random("tiny", seed=cfg.seed, overrides=to_dict(cfg.model))
+    bundle.vae = load_vae(vae_dir)
+    return save_checkpoint(bundle, out)
+
+
+def pretrain(cfg: WorldConfig, init_dir: Path, data: Path, out: Path) -> Path:
+    """`nsalign sft` on the noisy pre-training split; returns the last checkpoint's model directory."""
+    from alignment.jobs.sft import SftConfig, run_sft
+    from alignment.runs import latest_checkpoint
+
+    overrides = [f"model={init_dir}", f"data.path={data}", f"runs_root={out}", *cfg.pretrain_overrides]
+    sft = load_config(SftConfig, cfg.pretrain_config, overrides)
+    run = run_sft(sft)
+    return latest_checkpoint(run) / "model"
+
+
+def evaluate(cfg: WorldEvalConfig, model_dir: Path, prompts_file: Path, metadata: Path, out: Path) -> dict:
+    """Held-out strict / partial scores of a checkpoint (eval prompts x seeds) and a sample grid PNG."""
+    from PIL import Image
+
+    from alignment.generate import make_grid
+    from base_model.checkpoint import load_checkpoint
+    from base_model.generate import generate_images
+    from base_model.sampler import SamplingConfig
+    from base_model.schema import from_dict
+    from rewards.base import RewardsConfig, build_reward
+    from rollout.prompts import load_prompts
+
+    bundle = load_checkpoint(model_dir)
+    prompts = [p.text for p in load_prompts(prompts_file)]
+    sampling = SamplingConfig(image_size=64, cfg_scale=cfg.cfg_scale, num_head_steps=cfg.num_head_steps)
+    rows = [(p, s) for p in prompts for s in range(cfg.seeds_per_prompt)]
+    images = generate_images(bundle, [p for p, _ in rows], [s for _, s in rows], sampling, cfg.batch_size)
+    reward = build_reward(from_dict(RewardsConfig, rewards_config(metadata)).rewards[0])
+    scores = reward(images, [p for p, _ in rows])
+    strict, partial = scores.components["strict"], scores.components["partial"]
+    result = {
+        "checkpoint": str(model_dir), "num_images": len(rows), "strict": float(strict.mean()),
+        "partial": float(partial.mean()), "per_prompt_strict": {},
+    }  # fmt: skip
+    for (p, _), s in zip(rows, strict.tolist()):
+        result["per_prompt_strict"][p] = result["per_prompt_strict"].get(p, 0.0) + s / cfg.seeds_per_prompt
+    grid_rows = [(p, s) for p in prompts[: cfg.grid_prompts] for s in range(4)]
+    grid = generate_images(bundle, [p for p, _ in grid_rows], [s for _, s in grid_rows], sampling, cfg.batch_size)
+    Image.fromarray(make_grid(grid, ncols=4)).save(out.with_suffix(".png"))
+    out.with_suffix(".txt").write_text("".join(p + "\n" for p in prompts[: cfg.grid_prompts]), encoding="utf-8")
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+class Stopwatch:
+    """Wall and CPU seconds of named stages."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, float]] = {}
+
+    def run(self, name: str, fn, *args):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = fn(*args)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        self.stages[name] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
+        print(f"shapes-world: {name} done in {self.stages[name]['wall_s']}s", flush=True)
+        return result
+
+
+def build_world(cfg: WorldConfig, out: str | Path, skip_eval: bool = False) -> dict:
+    """Every stage in order; returns the build summary (also written to OUT/build.json)."""
+    import yaml
+
+    from base_model.vae import save_vae
+    from shapes.train_vae import train_vae
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "world.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    clock = Stopwatch()
+    files = clock.run("data", write_data, cfg.data, out / "data")
+    (out / "rewards.yaml").write_text(yaml.safe_dump(rewards_config(files["metadata"])), encoding="utf-8")
+    vae, losses = clock.run("vae", train_vae, cfg.vae, world_images(cfg.data))
+    save_vae(vae, out / "vae")
+    init_dir = clock.run("init", init_model, cfg, out / "vae", out / "init")
+    last = clock.run("pretrain", pretrain, cfg, init_dir, files["pretrain"], out / "runs")
+    shutil.copytree(last, out / "pretrained", dirs_exist_ok=True)
+    summary = {"stages": clock.stages, "vae_recon_first_last": [losses[0], losses[-1]]}
+    if not skip_eval:
+        result = clock.run("eval", evaluate, cfg.eval, out / "pretrained", files["eval"], files["metadata"],
+                           out / "samples_pretrained")  # fmt: skip
+        summary["pretrained_heldout"] = {k: result[k] for k in ("strict", "partial", "num_images")}
+    summary["total_wall_s"] = round(sum(s["wall_s"] for s in clock.stages.values()), 1)
+    (out / "build.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="world config (configs/shapes_world/world.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. vae.steps=50 data.num_pretrain=500")
+    p.add_argument("--out", default="runs/shapes_world", help="output directory (default runs/shapes_world)")
+    p.add_argument("--skip-eval", action="store_true", help="do not sample and score the pre-trained model")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(WorldConfig, args.config, args.overrides)
+    summary = build_world(cfg, args.out, skip_eval=args.skip_eval)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="rebuild the shapes world (data, VAE, pre-trained NextStep)")
+    add_arguments(p)
+    return run(p.parse_intermixed_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -304,12 +304,11 @@ class GrpoTrainer:
         self.rollout_pool.call_all("load_weights", weights, self.state.policy_version, sticky=True)
 
     def save(self) -> None:
-        from alignment.runs import checkpoint_dir, finish_checkpoint
-        from base_model.checkpoint import save_checkpoint
+        from alignment.runs import checkpoint_dir, finish_checkpoint, save_published
 
         step_dir = checkpoint_dir(self.run, self.state.step)
-        self.bundle.model = self.learner.model
-        save_checkpoint(self.bundle, step_dir / "model")
+        dtype = torch.bfloat16 if self.cfg.learner.bf16 else None
+        save_published(self.bundle, self.learner.policy_weights(), step_dir / "model", dtype)
         self.learner.save_state(step_dir)
         reward_states = self.reward_pool.call_all("state_dict")
         self.state.extra["reward_state"] = reward_states[0]  # one worker when a normalisation keeps state

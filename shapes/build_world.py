@@ -187,8 +187,8 @@ class Stopwatch:
         return result
 
 
-def build_world(cfg: WorldConfig, out: str | Path, skip_eval: bool = False) -> dict:
-    """Every stage in order; returns the build summary (also written to OUT/build.json)."""
+def build_world(cfg: WorldConfig, out: str | Path, skip_eval: bool = False, data_only: bool = False) -> dict:
+    """Every stage in order (or only the data files); returns the build summary (also OUT/build.json)."""
     import yaml
 
     from base_model.vae import save_vae
@@ -200,6 +200,8 @@ def build_world(cfg: WorldConfig, out: str | Path, skip_eval: bool = False) -> d
     clock = Stopwatch()
     files = clock.run("data", write_data, cfg.data, out / "data")
     (out / "rewards.yaml").write_text(yaml.safe_dump(rewards_config(files["metadata"])), encoding="utf-8")
+    if data_only:
+        return {"stages": clock.stages}
     vae, losses = clock.run("vae", train_vae, cfg.vae, world_images(cfg.data))
     save_vae(vae, out / "vae")
     init_dir = clock.run("init", init_model, cfg, out / "vae", out / "init")
@@ -220,11 +222,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. vae.steps=50 data.num_pretrain=500")
     p.add_argument("--out", default="runs/shapes_world", help="output directory (default runs/shapes_world)")
     p.add_argument("--skip-eval", action="store_true", help="do not sample and score the pre-trained model")
+    p.add_argument("--data-only", action="store_true", help="write the data files and rewards.yaml only (seconds)")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(WorldConfig, args.config, args.overrides)
-    summary = build_world(cfg, args.out, skip_eval=args.skip_eval)
+    summary = build_world(cfg, args.out, skip_eval=args.skip_eval, data_only=args.data_only)
     print(json.dumps(summary, indent=2))
     return 0
 

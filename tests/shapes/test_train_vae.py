@@ -74,3 +74,12 @@ def test_world_config_errors_name_the_key(overrides, key):
 
 def test_defaults_load():
     assert from_dict(WorldConfig, {}).vae.arch.token_dim == 64
+
+
+def test_committed_pretrained_world_model_loads():
+    from pathlib import Path
+
+    from base_model.checkpoint import load_checkpoint
+
+    bundle = load_checkpoint(Path(__file__).resolve().parents[2] / "shapes" / "assets" / "pretrained")
+    assert bundle.model.config.hidden_size == 128 and bundle.vae.config.token_dim == 64

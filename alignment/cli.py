@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "grpo": ("alignment.jobs.grpo", "online (prefix-)GRPO: rollout -> rewards -> learner -> weights (resumes)"),
     "evaluate": ("alignment.jobs.evaluate", "score checkpoints x held-out prompts x fixed seeds (paired, resumable)"),
     "select": ("alignment.jobs.select", "pick a run's checkpoint: rewards, drift guards, paired bootstrap CIs"),
+    "pipeline": ("alignment.jobs.pipeline", "several jobs in order from one config (the quickstart; resumable)"),
     "shapes-world": ("shapes.build_world", "rebuild the shapes world: data, tiny VAE, pre-trained tiny NextStep"),
     "dashboard": ("dashboard.cli", "static HTML dashboard comparing checkpoints, rewards and preference data"),
 }

@@ -105,6 +105,19 @@ def latest_checkpoint(run: Path) -> Path | None:
     return step_dir
 
 
+def model_dir_of(spec: str) -> str:
+    """A checkpoint spec -> a model directory: a run directory -> the model of its `latest` checkpoint;
+    a run's `selected` file (nsalign select) -> what it names; anything else (a model dir, a preset)
+    unchanged. Lets configs name "the end of that run" before the run exists."""
+    path = Path(spec)
+    if path.name == "selected" and path.is_file():
+        target = path.read_text().strip()
+        return target if Path(target).is_absolute() or target in ("tiny", "mid") else str(path.parent / target)
+    if (path / LATEST).is_file():
+        return str(latest_checkpoint(path) / "model")
+    return spec
+
+
 def load_trainer_state(step_dir: Path) -> TrainerState:
     data = json.loads((step_dir / TRAINER_STATE).read_text())
     state = TrainerState(**data)

@@ -38,6 +38,29 @@ def paired_delta_ci(
     return mean_ci(a - b, num_resamples, seed, level)
 
 
+def per_prompt_delta_ci(
+    a: np.ndarray,
+    b: np.ndarray,
+    prompt_ids: list[str],
+    num_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
+    """a, b [N] paired scores, prompt_ids [N] -> (mean gain, low, high), resampling prompts rather than rows.
+
+    Seeds of one prompt are not independent draws (they share the prompt's difficulty), so the
+    interval treats each prompt as one unit: row differences are averaged per prompt, then those
+    per-prompt gains are bootstrapped. The point estimate is the mean over prompts (equal to the row
+    mean when every prompt has the same number of seeds).
+    """
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if diff.shape != (len(prompt_ids),):
+        raise ValueError(f"need one prompt id per row: {diff.shape} rows, {len(prompt_ids)} ids")
+    _, group = np.unique(np.asarray(prompt_ids), return_inverse=True)
+    per_prompt = np.bincount(group, weights=diff) / np.bincount(group)  # [P]
+    return mean_ci(per_prompt, num_resamples, seed, level)
+
+
 def win_rate(a: np.ndarray, b: np.ndarray) -> float:
     """a, b [N] paired -> fraction of rows where a beats b, ties counted as half a win."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)

@@ -3,7 +3,8 @@
     python -m shapes.build_world configs/shapes_world/world.yaml --out runs/shapes_world [key=value ...]
     nsalign shapes-world configs/shapes_world/world.yaml --out runs/shapes_world
 
-OUT/data/      pretrain.parquet (noisy captions), sft.parquet (clean), prefs.jsonl, eval.jsonl,
+OUT/data/      pretrain.parquet (noisy captions), sft.parquet (clean), heldout.parquet (clean, eval-pool
+               captions: drift guards only), prefs.jsonl, eval.jsonl,
                metadata.jsonl (GenEval records of every caption of the world: the rule reward's table)
 OUT/vae/       the VAE in the published layout (checkpoint.pt + config.json)
 OUT/init/      random NextStep of `model` sizes + that VAE (the SFT job's `model:`)
@@ -95,6 +96,7 @@ def write_data(cfg: WorldDataConfig, out: Path) -> dict[str, Path]:
     files = {
         "pretrain": write_parquet(image_split(cfg, "pretrain"), out / "pretrain.parquet", cfg.image_size),
         "sft": write_parquet(image_split(cfg, "sft"), out / "sft.parquet", cfg.image_size),
+        "heldout": write_parquet(image_split(cfg, "heldout"), out / "heldout.parquet", cfg.image_size),
         "prefs": write_metadata([e.spec for e in prompt_split(cfg, "prefs")], out / "prefs.jsonl"),
         "eval": write_metadata([e.spec for e in prompt_split(cfg, "eval")], out / "eval.jsonl"),
         "metadata": write_metadata(all_specs(cfg.colors, cfg.shapes), out / "metadata.jsonl"),

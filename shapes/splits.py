@@ -23,7 +23,7 @@ import numpy as np
 from base_model.errors import ConfigError
 from shapes.scenes import COLORS, KINDS, SHAPES, Geometry, Scene, Spec, all_specs, caption, corrupt, layout, record
 
-SPLIT_STREAMS = {"partition": 0, "pretrain": 1, "sft": 2, "prefs": 3, "eval": 4, "noise": 5}
+SPLIT_STREAMS = {"partition": 0, "pretrain": 1, "sft": 2, "prefs": 3, "eval": 4, "noise": 5, "heldout": 6}
 
 
 @dataclass
@@ -40,6 +40,7 @@ class WorldDataConfig:
     num_sft: int = 1000  # images (clean captions, train-pool specs)
     num_prefs: int = 128  # prompts (train pool, distinct)
     num_eval: int = 64  # prompts (eval pool, distinct)
+    num_heldout: int = 256  # images (clean captions, eval-pool specs): drift guards such as select's FM loss
     noise_share: float = 0.3  # share of pre-training captions that are wrong
 
     def validate(self, where: str = "data") -> None:
@@ -57,7 +58,7 @@ class WorldDataConfig:
             raise ConfigError(f"{where}.noise_share: must be in [0, 1], got {self.noise_share}")
         if self.image_size != 64:
             raise ConfigError(f"{where}.image_size: the layouts are drawn for 64, got {self.image_size}")
-        for name in ("num_pretrain", "num_sft", "num_prefs", "num_eval"):
+        for name in ("num_pretrain", "num_sft", "num_prefs", "num_eval", "num_heldout"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
 
@@ -114,7 +115,8 @@ def distinct_specs(pool: dict[str, list[Spec]], cfg: WorldDataConfig, rng: np.ra
 
 
 def image_split(cfg: WorldDataConfig, name: str) -> list[Example]:
-    """'pretrain' (all specs, noisy captions) or 'sft' (train pool, clean captions): captioned scenes."""
+    """'pretrain' (all specs, noisy captions), 'sft' (train pool, clean captions) or 'heldout' (eval pool,
+    clean captions; never trained on): captioned scenes."""
     rng = rng_for(cfg, name)
     geo = Geometry(image_size=cfg.image_size)
     if name == "pretrain":
@@ -122,8 +124,10 @@ def image_split(cfg: WorldDataConfig, name: str) -> list[Example]:
         specs = draw_specs(everything, cfg, rng, cfg.num_pretrain)
     elif name == "sft":
         specs = draw_specs(partition(cfg)["train"], cfg, rng, cfg.num_sft)
+    elif name == "heldout":
+        specs = draw_specs(partition(cfg)["eval"], cfg, rng, cfg.num_heldout)
     else:
-        raise ValueError(f"'{name}' is not an image split (pretrain, sft)")
+        raise ValueError(f"'{name}' is not an image split (pretrain, sft, heldout)")
     scenes = [layout(s, rng, geo) for s in specs]
     noise_rng = rng_for(cfg, "noise")
     noisy = noisy_rows(len(scenes), cfg.noise_share if name == "pretrain" else 0.0, noise_rng)

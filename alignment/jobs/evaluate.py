@@ -66,7 +66,8 @@ class EvalSettings:
 @dataclass
 class EvaluateConfig(EvalSettings):
     out_dir: str = "runs/eval"
-    checkpoints: list[str] = field(default_factory=list)  # dirs, presets, or `name=dir` to name one
+    checkpoints: list[str] = field(default_factory=list)  # dirs, presets, or `name=dir` to name one; a run
+    # dir means its `latest` checkpoint, `<run>/selected` the checkpoint `nsalign select` chose
     run_dir: str | None = None  # also every step_*/model of this run directory
 
     def validate(self, where: str = "config") -> None:
@@ -96,9 +97,11 @@ def run_checkpoints(run_dir: str | Path) -> list[tuple[str, str]]:
 
 def resolve_checkpoints(cfg: EvaluateConfig) -> list[tuple[str, str]]:
     """(name, spec) pairs from the config, names unique, every directory checked before anything runs."""
+    from alignment.runs import model_dir_of
     from base_model.checkpoint import load_config as load_model_config
 
     pairs = [tuple(c.split("=", 1)) if "=" in c else (checkpoint_name(c), c) for c in cfg.checkpoints]
+    pairs = [(name, model_dir_of(spec)) for name, spec in pairs]  # run dirs -> latest, `selected` files
     if cfg.run_dir:
         pairs += run_checkpoints(cfg.run_dir)
     names = [n for n, _ in pairs]

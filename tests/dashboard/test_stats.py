@@ -7,6 +7,7 @@ from dashboard.stats import (
     mean_ci,
     mean_pairwise_distance,
     paired_delta_ci,
+    per_prompt_delta_ci,
     ranks,
     spearman,
     win_rate,
@@ -51,6 +52,21 @@ def test_bootstrap_width_matches_the_normal_approximation():
     assert lo < m < hi
     assert hi - lo == pytest.approx(2 * 1.96 * x.std() / 20, rel=0.15)  # 2 * 1.96 * sigma / sqrt(400)
     assert mean_ci(x, seed=3) == mean_ci(x, seed=3)  # seeded: reproducible
+
+
+def test_per_prompt_interval_resamples_prompts_not_rows():
+    # prompt p gains 0 on all 10 seeds, prompt q gains 1 on all 10: per-prompt gains [0, 1] -> as two
+    # points, interval [0, 1]; row-wise, 20 "independent" rows would give a much narrower interval
+    a, b = np.array([0.0] * 10 + [1.0] * 10), np.zeros(20)
+    ids = ["p"] * 10 + ["q"] * 10
+    assert per_prompt_delta_ci(a, b, ids, num_resamples=2000) == pytest.approx((0.5, 0.0, 1.0))
+    _, lo, hi = paired_delta_ci(a, b, num_resamples=2000)
+    assert hi - lo < 0.6
+    # unequal seeds per prompt: the estimate is the mean of per-prompt means, (0 + (1 + 2 + 3) / 3) / 2 = 1
+    est, _, _ = per_prompt_delta_ci(np.array([0.0, 1.0, 2.0, 3.0]), np.zeros(4), ["p", "q", "q", "q"])
+    assert est == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="prompt id"):
+        per_prompt_delta_ci(np.zeros(3), np.zeros(3), ["p", "q"])
 
 
 def test_paired_delta_rejects_unpaired_shapes():

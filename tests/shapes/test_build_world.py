@@ -20,7 +20,7 @@ def test_build_world_writes_every_artefact(tmp_path):
         "eval.grid_prompts=2",
     ]  # fmt: skip
     assert main(["configs/shapes_world/world.yaml", "--out", str(out), *overrides]) == 0
-    for name in ("pretrain.parquet", "sft.parquet", "prefs.jsonl", "eval.jsonl", "metadata.jsonl"):
+    for name in ("pretrain.parquet", "sft.parquet", "heldout.parquet", "prefs.jsonl", "eval.jsonl", "metadata.jsonl"):
         assert (out / "data" / name).is_file()
     bundle = load_checkpoint(out / "pretrained")
     assert bundle.model.config.hidden_size == 128 and bundle.vae.config.ch == 8

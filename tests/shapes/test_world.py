@@ -103,6 +103,9 @@ def test_splits_are_deterministic_and_eval_captions_are_held_out():
     assert held_out and not held_out & {r.caption for r in sft + prefs}
     assert {r.caption for r in evals} <= held_out and len({r.caption for r in evals}) == 40
     assert len({r.caption for r in prefs}) == 200
+    heldout = image_split(cfg, "heldout")  # clean images of held-out captions, for drift guards only
+    assert {r.caption for r in heldout} <= held_out and not any(r.noisy for r in heldout)
+    assert all(r.caption == caption(r.scene.spec) for r in heldout)
     assert {r.spec.kind for r in evals} == {"single", "counting", "position"}
     again = image_split(cfg, "sft")
     assert [(r.caption, r.scene) for r in sft] == [(r.caption, r.scene) for r in again]

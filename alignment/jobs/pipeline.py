@@ -1,0 +1,231 @@
+"""`nsalign pipeline CONFIG [key=value ...]`: several jobs in order, each from its own config file.
+
+The quickstart is one (configs/quickstart/pipeline.yaml): shapes-world data -> preference dataset with
+the rule reward on Ray -> Diffusion-DPO -> a short prefix GRPO -> evaluation of base / DPO / GRPO on
+held-out prompts -> checkpoint selection -> the dashboard, then a table of every checkpoint against the
+baseline (paired 95% CIs) and the paths of the dashboard and the selection report. bench/e2e.py runs a
+longer one (configs/e2e/shapes.yaml) for the proof table.
+
+Every stage config is loaded and validated (unknown key, wrong type) before the first stage starts.
+Each stage runs as its own process (`python -m alignment.cli JOB CONFIG OVERRIDES...`), so a stage
+that fails stops the pipeline with its own message, and the jobs' own resume applies: run the same
+command again and finished stages are skipped (<out_dir>/pipeline.json records each one with the
+config it ran), an interrupted one resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from base_model.errors import ConfigError, UserError
+from base_model.schema import load_config
+
+Job = Literal["sft", "build-prefs", "dpo", "grpo", "evaluate", "select"]
+
+# job -> (module, config class): used to validate every stage's config before anything runs
+JOB_CONFIGS: dict[str, tuple[str, str]] = {
+    "sft": ("alignment.jobs.sft", "SftConfig"),
+    "build-prefs": ("rollout.build_prefs", "BuildPrefsConfig"),
+    "dpo": ("alignment.jobs.dpo", "DpoConfig"),
+    "grpo": ("alignment.jobs.grpo", "GrpoConfig"),
+    "evaluate": ("alignment.jobs.evaluate", "EvaluateConfig"),
+    "select": ("alignment.jobs.select", "SelectConfig"),
+}
+
+
+@dataclass
+class StageConfig:
+    name: str  # label in the log, pipeline.json and the timings
+    job: Job
+    config: str  # the job's YAML
+    overrides: list[str] = field(default_factory=list)  # key=value, as on the job's command line
+
+
+@dataclass
+class WorldDataConfig:
+    config: str = ""  # shapes world YAML: its data files (seconds) are written first; "" = no world step
+    out: str = "runs/shapes_world"
+
+
+@dataclass
+class DashboardStageConfig:
+    inputs: list[str] = field(default_factory=list)  # eval dirs, run dirs, preference datasets
+    out: str = ""  # "" = no dashboard
+    baseline: str = ""  # checkpoint the deltas are taken against ("" = the first one)
+
+
+@dataclass
+class ReportConfig:
+    eval_dir: str = ""  # an `nsalign evaluate` output; "" = no table
+    baseline: str = ""  # checkpoint name in it ("" = the first one)
+    rewards: list[str] = field(default_factory=list)  # [] = every reward except composite
+    num_resamples: int = 2000
+    out: str = ""  # markdown file for the table ("" = <out_dir>/report.md)
+
+
+@dataclass
+class PipelineConfig:
+    out_dir: str = "runs/pipeline"  # pipeline.json (stages done, wall times) and report.md
+    world: WorldDataConfig = field(default_factory=WorldDataConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    dashboard: DashboardStageConfig = field(default_factory=DashboardStageConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    env: dict[str, str] = field(default_factory=lambda: {"OMP_WAIT_POLICY": "PASSIVE"})  # for every stage
+
+    def validate(self, where: str = "config") -> None:
+        if not self.stages:
+            raise ConfigError(f"{where}.stages: list at least one stage")
+        names = [s.name for s in self.stages]
+        dup = sorted({n for n in names if names.count(n) > 1} | ({"world"} & set(names)))
+        if dup:
+            raise ConfigError(f"{where}.stages: stage name '{dup[0]}' is used twice (or reserved)")
+        if self.report.num_resamples < 100:
+            raise ConfigError(f"{where}.report.num_resamples: must be >= 100, got {self.report.num_resamples}")
+
+
+def check_stage_configs(cfg: PipelineConfig) -> None:
+    """Load and validate every stage's config now, so a typo in the last stage fails before the first runs."""
+    if cfg.world.config:
+        from shapes.build_world import WorldConfig
+
+        load_config(WorldConfig, cfg.world.config)
+    for stage in cfg.stages:
+        module, cls = JOB_CONFIGS[stage.job]
+        try:
+            load_config(getattr(importlib.import_module(module), cls), stage.config, stage.overrides)
+        except ConfigError as e:
+            raise ConfigError(f"stage '{stage.name}' ({stage.job}): {e}") from None
+
+
+def stage_key(job: str, config: str, overrides: list[str]) -> str:
+    """What a finished stage ran: a hash of its job, config text and overrides."""
+    text = Path(config).read_text(encoding="utf-8") if config else ""
+    return hashlib.sha256(json.dumps([job, text, overrides]).encode()).hexdigest()[:16]
+
+
+class Ledger:
+    """<out_dir>/pipeline.json: finished stages with their key and wall time, rewritten atomically."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / "pipeline.json"
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}
+
+    def done(self, name: str, key: str) -> bool:
+        entry = self.data["stages"].get(name)
+        return bool(entry) and entry["key"] == key
+
+    def record(self, name: str, key: str, wall_s: float) -> None:
+        self.data["stages"][name] = {"key": key, "wall_s": round(wall_s, 1)}
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        os.replace(tmp, self.path)
+
+    def wall_times(self) -> dict[str, float]:
+        return {name: entry["wall_s"] for name, entry in self.data["stages"].items()}
+
+
+def run_stage(name: str, argv: list[str], env: dict[str, str]) -> float:
+    """One job as a child process; its exit code other than 0 stops the pipeline."""
+    print(f"pipeline: stage {name}: nsalign {' '.join(argv)}", flush=True)
+    start = time.perf_counter()
+    rc = subprocess.call([sys.executable, "-m", "alignment.cli", *argv], env={**os.environ, **env})
+    if rc != 0:
+        raise UserError(f"stage '{name}' (nsalign {argv[0]}) failed with exit code {rc}; fix it and rerun "
+                        "the same command: finished stages are skipped")  # fmt: skip
+    return time.perf_counter() - start
+
+
+def comparison_table(cfg: ReportConfig, out_dir: Path) -> tuple[str, list[dict]]:
+    """Markdown table of every checkpoint vs the baseline, CIs by resampling prompts (seeds stay paired)."""
+    from dashboard.data import read_eval
+    from dashboard.stats import per_prompt_delta_ci
+
+    res = read_eval(cfg.eval_dir)
+    baseline = cfg.baseline or res.checkpoints[0]
+    if baseline not in res.checkpoints:
+        raise UserError(f"report.baseline: {baseline!r} is not in {cfg.eval_dir} ({', '.join(res.checkpoints)})")
+    rewards = cfg.rewards or [r for r in res.rewards if r != "composite"]
+    base = res.checkpoints.index(baseline)
+    rows = []
+    for c, name in enumerate(res.checkpoints):
+        row: dict = {"checkpoint": name}
+        for r in rewards:
+            if r not in res.scores:
+                raise UserError(f"report.rewards: {r!r} was not scored in {cfg.eval_dir}")
+            s = res.scores[r]  # [C, N]
+            row[r] = float(s[c].mean())
+            if c != base:
+                row[f"{r}_delta"] = per_prompt_delta_ci(s[c], s[base], res.prompt_ids, cfg.num_resamples)
+        rows.append(row)
+    n_prompts = len(set(res.prompt_ids))
+    head = ["checkpoint"] + [f"{r} (mean)" for r in rewards] + [f"{r} vs {baseline} [95% CI]" for r in rewards]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["checkpoint"]] + [f"{row[r]:.3f}" for r in rewards]
+        for r in rewards:
+            d = row.get(f"{r}_delta")
+            cells.append("(baseline)" if d is None else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (f"\n{len(res.prompt_ids)} images per checkpoint: {n_prompts} held-out prompts x "
+            f"{len(res.prompt_ids) // max(n_prompts, 1)} seeds, the same seeds for every checkpoint; CIs: "
+            f"paired bootstrap over prompts ({cfg.num_resamples} resamples).")  # fmt: skip
+    return "\n".join(lines) + "\n" + note + "\n", rows
+
+
+def run_pipeline(cfg: PipelineConfig) -> Path:
+    check_stage_configs(cfg)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(out)
+    stages: list[tuple[str, str, list[str]]] = []
+    if cfg.world.config:
+        stages.append(("world", "shapes-world", [cfg.world.config, "--out", cfg.world.out, "--data-only"]))
+    stages += [(s.name, s.job, [s.config, *s.overrides]) for s in cfg.stages]
+    if cfg.dashboard.out:
+        extra = ["--baseline", cfg.dashboard.baseline] if cfg.dashboard.baseline else []
+        stages.append(("dashboard", "dashboard", [*cfg.dashboard.inputs, "--out", cfg.dashboard.out, *extra]))
+    for name, job, args in stages:
+        key = stage_key(job, args[0] if job != "dashboard" else "", args)
+        if ledger.done(name, key) and name != "dashboard":
+            print(f"pipeline: stage {name}: done earlier, skipped", flush=True)
+            continue
+        ledger.record(name, key, run_stage(name, [job, *args], cfg.env))
+    print("\npipeline: wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in ledger.wall_times().items()))
+    if cfg.report.eval_dir:
+        table, _ = comparison_table(cfg.report, out)
+        report = Path(cfg.report.out or out / "report.md")
+        report.write_text(table, encoding="utf-8")
+        print("\n" + table + f"(also in {report})")
+    from alignment.jobs.select import SelectConfig
+
+    for stage in cfg.stages:
+        if stage.job == "select":
+            sel = load_config(SelectConfig, stage.config, stage.overrides)
+            print(f"pipeline: selection report ({stage.name}): {Path(sel.run_dir) / 'selection.md'}")
+    if cfg.dashboard.out:
+        print(f"pipeline: dashboard: {Path(cfg.dashboard.out) / 'index.html'} (open it in a browser; "
+              f"`nsalign dashboard ... --serve` serves it on 127.0.0.1)")  # fmt: skip
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="pipeline YAML (configs/quickstart/pipeline.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the pipeline config")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    names = (["world"] if cfg.world.config else []) + [s.name for s in cfg.stages]
+    print(f"pipeline: {' -> '.join(names)}{' -> dashboard' if cfg.dashboard.out else ''}", flush=True)
+    run_pipeline(cfg)
+    return 0

@@ -80,6 +80,7 @@ class PipelineConfig:
     stages: list[StageConfig] = field(default_factory=list)
     dashboard: DashboardStageConfig = field(default_factory=DashboardStageConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    stage_overrides: dict[str, list[str]] = field(default_factory=dict)  # stage name -> extra key=value
     env: dict[str, str] = field(default_factory=lambda: {"OMP_WAIT_POLICY": "PASSIVE"})  # for every stage
 
     def validate(self, where: str = "config") -> None:
@@ -89,6 +90,11 @@ class PipelineConfig:
         dup = sorted({n for n in names if names.count(n) > 1} | ({"world"} & set(names)))
         if dup:
             raise ConfigError(f"{where}.stages: stage name '{dup[0]}' is used twice (or reserved)")
+        unknown = sorted(set(self.stage_overrides) - set(names))
+        if unknown:
+            raise ConfigError(f"{where}.stage_overrides: no stage named '{unknown[0]}' ({', '.join(names)})")
+        for stage in self.stages:
+            stage.overrides = [*stage.overrides, *self.stage_overrides.get(stage.name, [])]
         if self.report.num_resamples < 100:
             raise ConfigError(f"{where}.report.num_resamples: must be >= 100, got {self.report.num_resamples}")
 

@@ -74,12 +74,14 @@ def test_quickstart_on_a_reduced_budget_writes_the_dashboard(tmp_path):
         (tmp_path / name).symlink_to(ROOT / name)
     small = (
         "stage_overrides={prefs: [prompts.limit=8, samples_per_prompt=8, prompts_per_shard=4], "
-        "dpo: [steps=4, checkpoint_every=2, eval_every=2], grpo: [steps=2, checkpoint_every=1, prompts_per_step=2, micro_batch_samples=16], "
+        "dpo: [steps=4, checkpoint_every=2, eval_every=2], "
+        "grpo: [steps=2, checkpoint_every=1, prompts_per_step=2, micro_batch_samples=16], "
         "eval: [prompts.limit=4, samples_per_prompt=2], "
         "select: [eval.prompts.limit=4, eval.samples_per_prompt=2, heldout.max_pairs=8]}"
     )
-    out = subprocess.run([sys.executable, "-m", "alignment.cli", "pipeline", "configs/quickstart/pipeline.yaml", small],
-                         cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    cmd = [sys.executable, "-m", "alignment.cli", "pipeline", "configs/quickstart/pipeline.yaml", small]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     page = tmp_path / "runs" / "quickstart" / "dashboard" / "index.html"
     assert page.is_file() and page.stat().st_size > 10_000

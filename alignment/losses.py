@@ -28,15 +28,24 @@ class DpoOutput:
 
 
 def diffusion_dpo_loss(
-    err_w: torch.Tensor, err_l: torch.Tensor, ref_err_w: torch.Tensor, ref_err_l: torch.Tensor, beta: float
+    err_w: torch.Tensor,
+    err_l: torch.Tensor,
+    ref_err_w: torch.Tensor,
+    ref_err_l: torch.Tensor,
+    beta: float,
+    chosen_fm_weight: float = 0.0,
 ) -> DpoOutput:
-    """L = -log sigmoid(-(beta/2) [(l_w - l_ref_w) - (l_l - l_ref_l)]), errors [N] from the SAME (t, e).
+    """L = -log sigmoid(-(beta/2) [(l_w - l_ref_w) - (l_l - l_ref_l)]) + lambda l_w, errors [N] from the
+    SAME (t, e).
 
-    Equals log 2 when the policy equals the reference.
+    Equals log 2 (+ lambda mean l_w) when the policy equals the reference. lambda = `chosen_fm_weight`:
+    the flow-matching loss on the winners, the diffusion counterpart of the NLL term that RPO (arXiv
+    2404.19733) adds to DPO; it stops the known failure where DPO raises both errors (both images
+    get less likely) while their difference grows.
     """
     inside = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))  # [N]
     return DpoOutput(
-        loss=-F.logsigmoid(inside).mean(),
+        loss=-F.logsigmoid(inside).mean() + chosen_fm_weight * err_w.mean(),
         implicit_accuracy=(inside > 0).float().mean(),
         margin=inside.detach().mean(),
         mse_w=err_w.detach().mean(),

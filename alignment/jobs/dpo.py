@@ -43,6 +43,7 @@ class DpoConfig:
     model: str = "tiny"  # checkpoint directory or a random preset (tiny, mid): policy and reference start here
     data: DpoDataConfig = field(default_factory=DpoDataConfig)
     beta: float = 2500.0  # scale of the error difference; depends on how the error is averaged (see §4)
+    chosen_fm_weight: float = 0.0  # lambda of an extra flow-matching loss on the winners (RPO-style; 0 = off)
     steps: int = 100
     pairs_per_step: int = 8  # over all ranks
     micro_batch_pairs: int = 4  # per rank and forward pass (2x this many images)
@@ -62,6 +63,8 @@ class DpoConfig:
             raise ConfigError(f"{where}.data.eval_fraction: must be in [0, 1), got {self.data.eval_fraction}")
         if self.beta <= 0:
             raise ConfigError(f"{where}.beta: must be > 0, got {self.beta}")
+        if self.chosen_fm_weight < 0:
+            raise ConfigError(f"{where}.chosen_fm_weight: must be >= 0, got {self.chosen_fm_weight}")
         for name in ("steps", "pairs_per_step", "micro_batch_pairs", "eval_every", "eval_micro_batch_pairs",
                      "checkpoint_every"):  # fmt: skip
             if getattr(self, name) < 1:
@@ -242,7 +245,7 @@ def run_dpo(cfg: DpoConfig) -> Path:
         err_w, err_l = pair_errors(model, bundle.tokenizer, bundle.ids, batch, pairs.image_size)
         with learner.reference() as ref:
             ref_w, ref_l = pair_errors(ref, bundle.tokenizer, bundle.ids, batch, pairs.image_size)
-        out = diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, cfg.beta)
+        out = diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, cfg.beta, cfg.chosen_fm_weight)
         return out.loss, dpo_metrics(out, "dpo")
 
     # this rank's held-out pairs; their (t, e) are fixed for the whole run so evaluations compare
@@ -264,7 +267,7 @@ def run_dpo(cfg: DpoConfig) -> Path:
         learner.model.train()
         if not errs:  # a rank without held-out pairs still joins the all-reduce, with weight 0
             return learner.mean_over_ranks({f"dpo_eval/{name}": 0.0 for name in METRICS}, weight=0.0)
-        out = diffusion_dpo_loss(*(torch.cat([e[k] for e in errs]) for k in range(4)), cfg.beta)
+        out = diffusion_dpo_loss(*(torch.cat([e[k] for e in errs]) for k in range(4)), cfg.beta, cfg.chosen_fm_weight)
         return learner.mean_over_ranks(dpo_metrics(out, "dpo_eval"), weight=float(len(my_eval)))
 
     # 3. the loop: one optimizer update per step over pairs_per_step pairs of an endless seeded stream

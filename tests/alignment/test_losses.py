@@ -24,6 +24,13 @@ def test_dpo_is_log2_when_policy_equals_reference():
     assert float(out.implicit_accuracy) == 0.0 and float(out.margin) == 0.0
 
 
+def test_dpo_chosen_fm_term_adds_lambda_times_the_winners_error():
+    e = torch.tensor([0.3, 1.2, 0.7])  # winners' mean error 0.7333...
+    out = diffusion_dpo_loss(e, e.flip(0), e, e.flip(0), beta=500.0, chosen_fm_weight=0.5)
+    assert float(out.loss) == pytest.approx(math.log(2) + 0.5 * (0.3 + 1.2 + 0.7) / 3)
+    assert float(out.margin) == 0.0  # the margin (and accuracy) measure DPO alone
+
+
 def test_dpo_hand_values():
     # policy improves the winner by 0.002 and worsens the loser by 0.002; beta 1000:
     # inside = -(1000/2) * (-0.002 - 0.002) = 2 -> loss = -log sigmoid(2)

@@ -19,6 +19,7 @@ SCHEMAS = {  # configs/<dir>/*.yaml -> "module:Schema"
     "shapes": "alignment.jobs.sft:SftConfig",
     "shapes_world": "shapes.build_world:WorldConfig",
 }
+PIPELINES = {"quickstart", "e2e"}  # configs/<dir>/pipeline.yaml + the stage configs it names
 ALL = sorted(CONFIGS.rglob("*.yaml"))
 
 
@@ -27,8 +28,17 @@ def test_there_are_configs():
 
 
 @pytest.mark.parametrize("path", ALL, ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_config_loads(path):
+def test_config_loads(path, monkeypatch):
+    monkeypatch.chdir(CONFIGS.parent)  # configs name each other relative to the repository root
     job = path.relative_to(CONFIGS).parts[0]
+    if job in PIPELINES:  # validated through the pipeline that runs it, with that stage's overrides
+        from alignment.jobs.pipeline import PipelineConfig, check_stage_configs
+
+        pipeline = load_config(PipelineConfig, path.parent / "pipeline.yaml")
+        check_stage_configs(pipeline)
+        used = {(CONFIGS.parent / s.config).resolve() for s in pipeline.stages} | {(path.parent / "pipeline.yaml")}
+        assert path.resolve() in used, f"{path.name} is not a stage of {path.parent / 'pipeline.yaml'}"
+        return
     assert job in SCHEMAS, f"no schema registered for configs/{job}/ in tests/test_configs.py"
     module, name = SCHEMAS[job].split(":")
     load_config(getattr(importlib.import_module(module), name), path)

@@ -1,7 +1,8 @@
 """`nsalign sft CONFIG [key=value ...]`: supervised fine-tuning on (caption, image) pairs.
 
-Loss = 0.01 CE(text) + 1.0 FM(image) (NextStep-1). Data: a Parquet file with a caption column and an
-image column (PNG/JPEG bytes); images are centre-cropped, resized and encoded by the frozen VAE.
+Loss = 0.01 CE(text) + 1.0 FM(image) (NextStep-1). Data (alignment/sft_data.py): a Parquet file with a
+caption column and an image column (PNG/JPEG bytes), or WebDataset tar shards (a .tar, a directory of
+them, or a brace pattern); images are centre-cropped, resized and encoded by the frozen VAE.
 Checkpoints every `checkpoint_every` steps in the published layout + DeepSpeed state + trainer
 state; the same command after a kill resumes from `latest` (same data order, same RNG).
 """
@@ -9,22 +10,22 @@ state; the same command after a kill resumes from `latest` (same data order, sam
 from __future__ import annotations
 
 import argparse
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from alignment.learner import LearnerConfig
-from base_model.errors import ConfigError, UserError
+from alignment.sft_data import load_pairs
+from base_model.errors import ConfigError
 from base_model.schema import load_config, to_dict
 
 
 @dataclass
 class SftDataConfig:
-    path: str = ""  # Parquet file
-    caption_field: str = "caption"
-    image_field: str = "image"
+    path: str = ""  # Parquet file, or WebDataset shards: a .tar, a directory of .tar, or shard-{000..009}.tar
+    caption_field: str = "caption"  # Parquet column; WebDataset: the .json field (else `prompt`)
+    image_field: str = "image"  # Parquet column (WebDataset: the .png/.jpg/.jpeg/.webp file)
     image_size: int = 64  # pixels per side; multiple of 16
 
 
@@ -47,7 +48,7 @@ class SftConfig:
 
     def validate(self, where: str = "config") -> None:
         if not self.data.path:
-            raise ConfigError(f"{where}.data.path: required (a Parquet file of caption/image rows)")
+            raise ConfigError(f"{where}.data.path: required (a Parquet file of caption/image rows or .tar shards)")
         if self.data.image_size <= 0 or self.data.image_size % 16:
             raise ConfigError(f"{where}.data.image_size: {self.data.image_size} is not a positive multiple of 16")
         for name in ("steps", "micro_batch_samples", "micro_batches_per_step", "checkpoint_every"):
@@ -60,44 +61,6 @@ class SftConfig:
     @property
     def samples_per_step(self) -> int:
         return self.micro_batch_samples * self.micro_batches_per_step
-
-
-def load_pairs(cfg: SftDataConfig) -> tuple[list[str], torch.Tensor]:
-    """Captions [N] and images uint8 [N, 3, S, S] (centre crop + resize)."""
-    import pyarrow.parquet as pq
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(cfg.path)
-    if not path.is_file():
-        raise UserError(f"SFT data not found: {path}")
-    try:
-        table = pq.read_table(path, columns=[cfg.caption_field, cfg.image_field])
-    except Exception as e:  # pyarrow: missing columns or unreadable file
-        raise UserError(f"{path}: cannot read columns {cfg.caption_field!r}, {cfg.image_field!r} ({e})") from None
-    captions = table.column(cfg.caption_field).to_pylist()
-    if not captions:
-        raise UserError(f"{path}: no rows")
-    images = []
-    for i, raw in enumerate(table.column(cfg.image_field).to_pylist()):
-        if not isinstance(captions[i], str) or not captions[i].strip():
-            raise UserError(f"{path}: row {i}: empty caption")
-        try:
-            img = Image.open(io.BytesIO(raw)).convert("RGB")
-        except (UnidentifiedImageError, TypeError, OSError):
-            raise UserError(f"{path}: row {i}: image bytes are not a readable image") from None
-        images.append(_center_square(img, cfg.image_size))
-    return captions, torch.stack(images)
-
-
-def _center_square(img, size: int) -> torch.Tensor:
-    import numpy as np
-    from PIL import Image
-
-    w, h = img.size
-    s = min(w, h)
-    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    img = img.resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
 def sample_order(num_items: int, seed: int, position: int, count: int) -> list[int]:

@@ -1,0 +1,161 @@
+"""SFT input: (caption, image) pairs from a Parquet file or WebDataset tar shards, decoded to tensors.
+
+`data.path` is one of
+  - a Parquet file with a caption column and an image column (PNG/JPEG bytes);
+  - WebDataset shards: a `.tar` file, a directory of `.tar` shards (sorted by name), or a brace
+    pattern `data/shard-{000000..000009}.tar` (numeric ranges keep their zero padding; `{a,b}` lists).
+    A sample is the files sharing a key (the member path up to the first dot of its name): one
+    image (.png/.jpg/.jpeg/.webp) and a caption (.txt, or .json with a `caption_field` / `prompt`
+    field; .txt wins when both are there). Other files are ignored. Read with the standard
+    library `tarfile`; samples keep shard order, then member order, so the data order is fixed.
+Every problem ends with one `UserError` naming the file (and the row or sample key).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import re
+import tarfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from base_model.errors import UserError
+
+if TYPE_CHECKING:
+    from alignment.jobs.sft import SftDataConfig
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+CAPTION_EXTS = ("txt", "json")
+
+
+def load_pairs(cfg: SftDataConfig) -> tuple[list[str], torch.Tensor]:
+    """Captions [N] and images uint8 [N, 3, S, S] (centre crop + resize)."""
+    from PIL import Image, UnidentifiedImageError
+
+    records = read_tar_records(cfg) if is_webdataset(cfg.path) else read_parquet_records(cfg)
+    captions, images = [], []
+    for where, caption, raw in records:
+        if not isinstance(caption, str) or not caption.strip():
+            raise UserError(f"{where}: empty caption")
+        try:
+            img = Image.open(io.BytesIO(raw)).convert("RGB")
+        except (UnidentifiedImageError, TypeError, OSError):
+            raise UserError(f"{where}: image bytes are not a readable image") from None
+        captions.append(caption)
+        images.append(center_square(img, cfg.image_size))
+    return captions, torch.stack(images)
+
+
+def is_webdataset(path: str) -> bool:
+    return "{" in path or path.endswith(".tar") or Path(path).is_dir()
+
+
+def read_parquet_records(cfg: SftDataConfig) -> list[tuple[str, object, object]]:
+    """(where, caption, image bytes) per row of a Parquet file."""
+    import pyarrow.parquet as pq
+
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise UserError(f"SFT data not found: {path}")
+    try:
+        table = pq.read_table(path, columns=[cfg.caption_field, cfg.image_field])
+    except Exception as e:  # pyarrow: missing columns or unreadable file
+        raise UserError(f"{path}: cannot read columns {cfg.caption_field!r}, {cfg.image_field!r} ({e})") from None
+    captions = table.column(cfg.caption_field).to_pylist()
+    if not captions:
+        raise UserError(f"{path}: no rows")
+    images = table.column(cfg.image_field).to_pylist()
+    return [(f"{path}: row {i}", c, raw) for i, (c, raw) in enumerate(zip(captions, images))]
+
+
+def read_tar_records(cfg: SftDataConfig) -> list[tuple[str, object, bytes]]:
+    """(where, caption, image bytes) per sample of every shard, in shard then member order."""
+    records = []
+    for shard in shard_paths(cfg.path):
+        samples: dict[str, dict[str, bytes]] = {}  # key -> {ext: bytes}, in order of first appearance
+        try:
+            with tarfile.open(shard, "r:*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, _, name = member.name.rpartition("/")
+                    stem, dot, ext = name.partition(".")
+                    if not dot or name.startswith("."):
+                        continue
+                    key = f"{folder}/{stem}" if folder else stem
+                    samples.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
+        except (tarfile.TarError, OSError) as e:
+            raise UserError(f"{shard}: not a readable tar file ({e})") from None
+        if not samples:
+            raise UserError(f"{shard}: empty shard (no samples)")
+        for key, files in samples.items():
+            records.append((f"{shard}: sample {key!r}", *_sample_pair(shard, key, files, cfg.caption_field)))
+    return records
+
+
+def _sample_pair(shard: Path, key: str, files: dict[str, bytes], caption_field: str) -> tuple[object, bytes]:
+    images = [e for e in IMAGE_EXTS if e in files]
+    if len(images) != 1:
+        found = ", ".join(sorted(files))
+        raise UserError(f"{shard}: sample {key!r} needs exactly one image (.png/.jpg/.jpeg/.webp), has: {found}")
+    if "txt" in files:
+        caption = files["txt"].decode("utf-8", errors="replace").strip()
+    elif "json" in files:
+        try:
+            meta = json.loads(files["json"])
+        except ValueError:
+            raise UserError(f"{shard}: sample {key!r}: .json is not valid JSON") from None
+        caption = meta.get(caption_field, meta.get("prompt")) if isinstance(meta, dict) else None
+    else:
+        raise UserError(f"{shard}: sample {key!r} has an image but no caption (.txt or .json)")
+    return caption, files[images[0]]
+
+
+def shard_paths(spec: str) -> list[Path]:
+    """A .tar file, a directory of .tar shards, or a brace pattern -> existing shard files, in order."""
+    path = Path(spec)
+    if path.is_dir():
+        shards = sorted(path.glob("*.tar"))
+        if not shards:
+            raise UserError(f"{path}: no .tar shards in the directory")
+        return shards
+    shards = [Path(p) for p in expand_braces(spec)]
+    for shard in shards:
+        if not shard.is_file():
+            raise UserError(f"SFT data not found: {shard}")
+    return shards
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`a-{000..002}.tar` -> a-000.tar, a-001.tar, a-002.tar; `{x,y}` -> x, y; several braces multiply."""
+    parts = re.split(r"\{([^{}]*)\}", pattern)  # literal, brace, literal, brace, ..., literal
+    choices = []
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            choices.append([part])
+            continue
+        m = re.fullmatch(r"(\d+)\.\.(\d+)", part)
+        if m:
+            lo, hi = int(m[1]), int(m[2])
+            if lo > hi:
+                raise UserError(f"{pattern}: empty range {{{part}}}")
+            choices.append([str(n).zfill(len(m[1])) for n in range(lo, hi + 1)])
+        else:
+            choices.append(part.split(","))
+    return ["".join(c) for c in itertools.product(*choices)]
+
+
+def center_square(img, size: int) -> torch.Tensor:
+    """PIL image -> uint8 [3, size, size]: centre crop to a square, bicubic resize."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    img = img.resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)

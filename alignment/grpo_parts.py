@@ -1,5 +1,6 @@
 """Small pieces of the GRPO job (alignment/jobs/grpo.py): the per-step rollout seed, the trained-part
-weights over the (token, head step) grid, the rollout worker's seeded entry point, and batch joins.
+weights over the (token, head step) grid, the soft value of a prefix, the rollout worker's seeded
+entry points, and batch joins.
 
 Shapes: B samples, T image tokens, K head steps, P prompts x G samples per prompt (B = P * G).
 """
@@ -11,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from alignment.losses import MaskKind, prefix_phase, step_weights, trained_mask
+from alignment.losses import MaskKind, prefix_phase, soft_value, step_weights, trained_mask
+from base_model.generate import decode_tokens, sample_prompts
 from rewards.base import RewardOutput
-from rollout.batch import RolloutBatch
+from rollout.batch import RolloutBatch, sample_seed
 from rollout.prompts import Prompt
 from rollout.worker import RolloutWorker
 
@@ -31,6 +33,11 @@ class TrainPartConfig:
     alternate: bool = False  # arXiv 2601.02256: `prefix_updates` prefix steps, then `suffix_updates` on the rest
     prefix_updates: int = 3
     suffix_updates: int = 1
+    # arXiv 2601.02256's value of a prefix: in prefix updates, each sample's return is the soft value
+    # V = eta log mean_k exp(R_k / eta) of `soft_value_samples` fresh continuations of its first `prefix`
+    # tokens (paper: 2, eta 1) instead of its own reward R; suffix updates keep R. 0: off. token_prefix only.
+    soft_value_samples: int = 0
+    soft_value_eta: float = 1.0
 
 
 def rollout_seed(run_seed: int, step: int) -> int:
@@ -68,6 +75,32 @@ def train_weights(
     return step_weights(mask, part.alpha)  # [T, K]
 
 
+def soft_value_phase(part: TrainPartConfig, update_index: int) -> bool:
+    """Whether update `update_index` trains the prefix on its soft value (on, and not a suffix phase)."""
+    if part.soft_value_samples < 1:
+        return False
+    return not (part.alternate and prefix_phase(update_index, part.prefix_updates, part.suffix_updates) == "suffix")
+
+
+def continuation_seeds(sample_seeds: torch.Tensor, num_continuations: int, run_seed: int, step: int) -> torch.Tensor:
+    """Seeds [B, C] of the continuations of each sample's prefix at GRPO step `step`: a pure function
+    of (sample seed, continuation index, run seed, step), so a resumed run draws the same ones."""
+    step_seed = int.from_bytes(hashlib.sha1(f"grpo-continuation:{run_seed}:{step}".encode()).digest()[:4], "little")
+    return torch.tensor(
+        [[sample_seed(str(int(s)), c, step_seed) for c in range(num_continuations)] for s in sample_seeds.tolist()],
+        dtype=torch.long,
+    )  # fmt: skip
+
+
+def prefix_values(continuation_rewards: torch.Tensor, eta: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """continuation_rewards [B, C] -> soft values V [B] = eta log mean_c exp(R_c / eta), and their metrics."""
+    values = soft_value(continuation_rewards, eta)  # [B]
+    return values, {
+        "grpo/soft_value/mean": float(values.mean()), "grpo/soft_value/std": float(values.std(unbiased=False)),
+        "grpo/continuation_reward/mean": float(continuation_rewards.mean()),
+    }  # fmt: skip
+
+
 class GrpoRolloutWorker(RolloutWorker):
     """A RolloutWorker whose rollouts take the step's run seed, so every GRPO step draws fresh noise
     while a sample stays a pure function of (prompt id, sample index, run seed, step, weights)."""
@@ -75,6 +108,16 @@ class GrpoRolloutWorker(RolloutWorker):
     def rollout_step(self, prompts: list[Prompt], samples_per_prompt: int, step_seed: int) -> RolloutBatch:
         self.run_seed = step_seed
         return self.rollout(prompts, samples_per_prompt, record_chains=True)
+
+    def continue_prefixes(self, prompts: list[str], prefix_tokens: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """Images uint8 [b, 3, S, S]: prompts[i] continued from prefix_tokens[i] [m, 64] with seeds[i]."""
+        out = []
+        for s in range(0, len(prompts), self.micro_batch_samples):
+            e = s + self.micro_batch_samples
+            res = sample_prompts(self.bundle, prompts[s:e], seeds[s:e], self.sampling,
+                                 prefix_tokens=prefix_tokens[s:e].to(self.device))  # fmt: skip
+            out.append(decode_tokens(self.bundle, res.tokens, self.sampling.image_size))
+        return torch.cat(out)
 
 
 def split_prompts(prompts: list[Prompt], num_parts: int) -> list[list[Prompt]]:

@@ -27,14 +27,19 @@ def sample_prompts(
     sampling: SamplingConfig,
     record_chains: bool = False,
     progress: bool = False,
+    prefix_tokens: torch.Tensor | None = None,
 ) -> SampleResult:
-    """Tokens (and optionally chains / log-probs) for prompts[i] with seeds[i]."""
+    """Tokens (and optionally chains / log-probs) for prompts[i] with seeds[i]; prefix_tokens [B, m, 64]:
+    continue from these first m tokens (see `sample_tokens`)."""
     batch = build_prompt_batch(
         bundle.tokenizer, bundle.ids, prompts, (sampling.image_size, sampling.image_size),
         with_uncond=sampling.uses_cfg, negative_prompt=sampling.negative_prompt,
     )  # fmt: skip
     seeds = torch.as_tensor(seeds, dtype=torch.int64)
-    return sample_tokens(bundle.model, batch, seeds, sampling, record_chains=record_chains, progress=progress)
+    return sample_tokens(
+        bundle.model, batch, seeds, sampling, record_chains=record_chains, progress=progress,
+        prefix_tokens=prefix_tokens,
+    )  # fmt: skip
 
 
 def generate_images(

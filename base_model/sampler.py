@@ -116,8 +116,16 @@ def sample_tokens(
     cfg: SamplingConfig,
     record_chains: bool = False,
     progress: bool = False,
+    prefix_tokens: torch.Tensor | None = None,
 ) -> SampleResult:
-    """Generate every image token of every prompt in `batch` (seeds [B] int64, one per prompt row)."""
+    """Generate every image token of every prompt in `batch` (seeds [B] int64, one per prompt row).
+
+    prefix_tokens [B, m, 64] (as fed back, e.g. a RolloutBatch's tokens[:, :m]): tokens 0..m-1 are
+    these, teacher-forced through the cache, and only tokens m.. are sampled (a continuation of a
+    trajectory prefix; no chains can be recorded then).
+    """
+    if prefix_tokens is not None and record_chains:
+        raise ValueError("a continuation of given prefix tokens records no chains")
     device = model.device
     batch = batch.to(device)
     seeds = seeds.to(device)
@@ -141,9 +149,13 @@ def sample_tokens(
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="image tokens", leave=False)
+    num_given = 0 if prefix_tokens is None else prefix_tokens.shape[1]
     for j in steps:
-        x, chain, logp = sample_token(model, cond, seeds, j, grid, cfg, record_chains)
-        y = token_norm(x) if cfg.use_norm else x  # [B, 64]
+        if j < num_given:
+            y = prefix_tokens[:, j].to(device=device, dtype=torch.float32)  # [B, 64]
+        else:
+            x, chain, logp = sample_token(model, cond, seeds, j, grid, cfg, record_chains)
+            y = token_norm(x) if cfg.use_norm else x  # [B, 64]
         tokens.append(y)
         if record_chains:
             chains.append(chain)

@@ -9,7 +9,10 @@ Departures from Flow-GRPO: the learner re-scores each recorded chain in ONE teac
 (NextStep-1.1), without CFG by default; the trained part is a mask over (token, head step) cells
 (full / token_prefix / step_prefix / step_window, with the prefix/suffix alternation of arXiv
 2601.02256); `timestep_fraction` masks the loss of the unchosen head steps but they are still
-computed. Not implemented: the soft value of a prefix from K continuations (losses.soft_value).
+computed. With `train_part.soft_value_samples: C` (token_prefix only), a prefix update's return is
+no longer a sample's own reward R but the soft value of its first `prefix` tokens (arXiv 2601.02256):
+the rollout workers continue each prefix C times with fresh noise under the same policy, the reward
+pool scores the C images, V = eta log mean_c exp(R_c / eta), and the group advantages are taken over V.
 
 clip_eps bounds the ratio exp(log pi - log pi_old) of one (token, head step) cell. With
 `sampling.logprob_reduction: mean` (published RL code) the log-ratio is averaged over the 64 latent
@@ -146,6 +149,15 @@ class GrpoConfig:
                 raise ConfigError(f"{where}: prefix_updates and suffix_updates must be >= 1")
         if part.alpha < 0:
             raise ConfigError(f"{where}.alpha: must be >= 0, got {part.alpha}")
+        if part.soft_value_samples < 0:
+            raise ConfigError(f"{where}.soft_value_samples: must be >= 0 (0: off), got {part.soft_value_samples}")
+        if part.soft_value_samples and part.kind != "token_prefix":
+            raise ConfigError(
+                f"{where}.soft_value_samples: continuations need a trajectory prefix (kind token_prefix), "
+                f"got kind {part.kind}"
+            )
+        if part.soft_value_eta <= 0:
+            raise ConfigError(f"{where}.soft_value_eta: must be > 0, got {part.soft_value_eta}")
 
     @property
     def samples_per_step(self) -> int:
@@ -174,12 +186,15 @@ def describe(cfg: GrpoConfig, num_prompts: int) -> str:
     """The derived sizes, printed at start."""
     s = cfg.sampling
     steps_per_update = cfg.samples_per_step // cfg.micro_batch_samples
+    part = cfg.train_part
+    soft = (f" (prefix return: soft value of {part.soft_value_samples} continuations, eta {part.soft_value_eta:g})"
+            if part.soft_value_samples else "")  # fmt: skip
     return (
         f"grpo: {num_prompts} prompts; {cfg.prompts_per_step} prompts x {cfg.samples_per_prompt} samples = "
         f"{cfg.samples_per_step} samples/step in up to {steps_per_update} micro batches of {cfg.micro_batch_samples}; "
         f"{cfg.inner_epochs} update(s)/step; {cfg.num_image_tokens} tokens x {s.num_head_steps} head steps "
         f"({s.sde_kind}, log-prob {s.logprob_reduction}, clip_eps {cfg.resolved_clip_eps:g}); beta {cfg.beta:g}; "
-        f"train part {cfg.train_part.kind}; {cfg.rollout_pool.num_workers} {cfg.rollout_pool.kind} rollout / "
+        f"train part {part.kind}{soft}; {cfg.rollout_pool.num_workers} {cfg.rollout_pool.kind} rollout / "
         f"{cfg.reward_pool.num_workers} {cfg.reward_pool.kind} reward workers; {cfg.steps} steps"
     )
 
@@ -248,42 +263,71 @@ class GrpoTrainer:
         return batch
 
     def score(self, batch):
+        return self._score(batch.images, batch.prompts, self.cfg.samples_per_prompt)
+
+    def _score(self, images: torch.Tensor, prompts: list[str], group: int):
+        """Rewards of images [N, 3, H, W], split over the reward workers in whole groups of `group`."""
         from rewards.worker import concat
 
-        chunks = _group_chunks(len(batch), self.cfg.samples_per_prompt, self.cfg.reward_pool.num_workers)
-        outs = self.reward_pool.map("score", [(batch.images[s:e], batch.prompts[s:e]) for s, e in chunks])
-        return concat(outs)
+        chunks = _group_chunks(len(prompts), group, self.cfg.reward_pool.num_workers)
+        return concat(self.reward_pool.map("score", [(images[s:e], prompts[s:e]) for s, e in chunks]))
 
-    def update(self, batch, rewards: torch.Tensor) -> dict[str, float]:
-        """Advantages per group, group filter, then `inner_epochs` learner updates. rewards [B]."""
-        from alignment.grpo_parts import train_weights
+    def needs_soft_values(self) -> bool:
+        """Whether an update of this step trains the prefix on its soft value (continuations needed)."""
+        from alignment.grpo_parts import soft_value_phase
+
+        first = self.state.step * self.cfg.inner_epochs
+        return any(soft_value_phase(self.cfg.train_part, first + e) for e in range(self.cfg.inner_epochs))
+
+    def soft_values(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Soft values [B] of every sample's token prefix from C continuations drawn by the rollout pool
+        (the current policy, fresh seeds) and scored by the reward pool; with their metrics."""
+        from alignment.grpo_parts import continuation_seeds, prefix_values
+
+        part, b = self.cfg.train_part, len(batch)
+        c = part.soft_value_samples
+        seeds = continuation_seeds(batch.seeds, c, self.cfg.seed, self.state.step).flatten()  # [B*C], sample-major
+        prompts = [p for p in batch.prompts for _ in range(c)]
+        prefixes = batch.tokens[:, : part.prefix].repeat_interleave(c, dim=0)  # [B*C, m, 64]
+        group = self.cfg.samples_per_prompt * c  # a prompt's continuations stay on one worker
+        chunks = _group_chunks(b * c, group, self.cfg.rollout_pool.num_workers)
+        images = torch.cat(self.rollout_pool.map("continue_prefixes", [(prompts[s:e], prefixes[s:e], seeds[s:e])
+                                                                       for s, e in chunks]))  # fmt: skip
+        rewards = self._score(images, prompts, group).scores.reshape(b, c)  # [B, C]
+        return prefix_values(rewards, part.soft_value_eta)
+
+    def update(self, batch, rewards: torch.Tensor, values: torch.Tensor | None = None) -> dict[str, float]:
+        """Per update: returns (rewards [B], or the prefixes' soft values [B] in a soft-value prefix
+        update), advantages per group, group filter, then the learner step; `inner_epochs` updates."""
+        from alignment.grpo_parts import soft_value_phase, train_weights
         from alignment.losses import group_advantages, keep_groups
 
         cfg, g = self.cfg, self.cfg.samples_per_prompt
-        grouped = rewards.reshape(-1, g)  # [P, G]
-        keep = keep_groups(grouped, cfg.group_filter.min_std, cfg.group_filter.max_mean)  # [P]
-        metrics = {
-            "grpo/zero_std_group_ratio": float((grouped.std(dim=1, unbiased=False) < 1e-8).float().mean()),
-            "grpo/kept_groups": float(keep.sum()),
-        }
-        if not keep.any():
-            return metrics
-        advantages = group_advantages(grouped)[keep].flatten()  # [B_kept]
-        kept = batch.select(keep.repeat_interleave(g).nonzero().flatten())
-        n, mb = len(kept), cfg.micro_batch_samples
-        num_micro = -(-n // mb)
-        t, k = kept.tokens.shape[1], kept.log_probs.shape[2]
+        t, k = batch.tokens.shape[1], batch.log_probs.shape[2]
+        metrics, updated = {}, False
         for epoch in range(cfg.inner_epochs):
-            weights = train_weights(cfg.train_part, t, k, self.state.step * cfg.inner_epochs + epoch,
-                                    cfg.timestep_fraction, cfg.seed)  # fmt: skip
+            index = self.state.step * cfg.inner_epochs + epoch
+            returns = values if values is not None and soft_value_phase(cfg.train_part, index) else rewards
+            grouped = returns.reshape(-1, g)  # [P, G]
+            keep = keep_groups(grouped, cfg.group_filter.min_std, cfg.group_filter.max_mean)  # [P]
+            metrics["grpo/zero_std_group_ratio"] = float((grouped.std(dim=1, unbiased=False) < 1e-8).float().mean())
+            metrics["grpo/kept_groups"] = float(keep.sum())
+            if not keep.any():
+                continue
+            advantages = group_advantages(grouped)[keep].flatten()  # [B_kept]
+            kept = batch.select(keep.repeat_interleave(g).nonzero().flatten())
+            n, mb = len(kept), cfg.micro_batch_samples
+            num_micro = -(-n // mb)
+            weights = train_weights(cfg.train_part, t, k, index, cfg.timestep_fraction, cfg.seed)
             micro = [
                 GrpoMicroBatch(kept.select(list(range(s, min(s + mb, n)))), advantages[s : s + mb], weights,
                                scale=min(mb, n - s) * num_micro / n)
                 for s in range(0, n, mb)
             ]  # fmt: skip
             out = self.learner.step(micro, self.loss_fn)
-            if epoch > 0:  # keep the first epoch's on-policy health check; the rest from the last epoch
+            if updated:  # keep the first update's on-policy health check; the rest from the last update
                 out.pop("grpo/logprob_diff", None)
+            updated = True
             metrics.update(out)
             metrics["grpo/trained_cells"] = float((weights > 0).float().mean())
         return metrics
@@ -352,8 +396,13 @@ def run_grpo(cfg: GrpoConfig) -> Path:
             times["rollout"] = (t1 := time.perf_counter()) - t0
             rewards = trainer.score(batch)
             times["reward"] = (t2 := time.perf_counter()) - t1
+            values, value_metrics = None, {}
+            if trainer.needs_soft_values():  # train_part.soft_value_samples: continue every prefix, score
+                values, value_metrics = trainer.soft_values(batch)
+                now = time.perf_counter()
+                times["soft_value"], t2 = now - t2, now
             try:
-                metrics = trainer.update(batch, rewards.scores)
+                metrics = trainer.update(batch, rewards.scores, values)
             except NonFiniteLossError as e:
                 last = latest_checkpoint(run)
                 raise UserError(f"stopped: {e}; last good checkpoint: {last.name if last else 'none'}") from None
@@ -367,6 +416,7 @@ def run_grpo(cfg: GrpoConfig) -> Path:
             times["sync"] = time.perf_counter() - t3
             total = sum(times.values())
             metrics.update(reward_metrics(rewards))
+            metrics.update(value_metrics)
             metrics.update({f"time/{k}_s": v for k, v in times.items()})
             metrics.update({f"time/{k}_share": v / total for k, v in times.items()})
             metrics["samples/s"] = cfg.samples_per_step / total

@@ -2,19 +2,32 @@
 resume exactness, a Ray rollout pool and config errors."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from alignment.cli import main
-from alignment.grpo_parts import TrainPartConfig, rollout_seed, split_prompts, train_weights
-from alignment.jobs.grpo import GrpoConfig, _group_chunks, run_grpo
+from alignment.grpo_parts import (
+    TrainPartConfig,
+    continuation_seeds,
+    prefix_values,
+    rollout_seed,
+    soft_value_phase,
+    split_prompts,
+    train_weights,
+)
+from alignment.jobs.grpo import GrpoConfig, GrpoTrainer, _group_chunks, run_grpo
+from alignment.runs import TrainerState
 from base_model.checkpoint import load_checkpoint
+from base_model.sampler import SamplingConfig
 from base_model.schema import load_config
+from rollout.batch import RolloutBatch
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "grpo" / "tiny.yaml"
+SOFT_VALUE = ROOT / "configs" / "grpo" / "tiny_soft_value.yaml"
 PROMPTS = ROOT / "configs" / "grpo" / "prompts_tiny.txt"
 
 
@@ -51,6 +64,53 @@ def test_rollout_seed_and_chunks():
     assert _group_chunks(12, 4, 2) == [(0, 4), (4, 12)] or _group_chunks(12, 4, 2) == [(0, 8), (8, 12)]
 
 
+def test_soft_value_of_continuations_by_hand():
+    values, metrics = prefix_values(torch.tensor([[0.0, math.log(3)], [1.0, 1.0], [2.0, 0.0]]), eta=1.0)
+    expected = [math.log(2), 1.0, math.log((math.e**2 + 1) / 2)]  # log mean exp: log((1 + 3) / 2), 1, ...
+    torch.testing.assert_close(values, torch.tensor(expected))
+    assert metrics["grpo/continuation_reward/mean"] == pytest.approx((math.log(3) + 4) / 6)
+    assert metrics["grpo/soft_value/mean"] == pytest.approx(sum(expected) / 3)
+    cooler, _ = prefix_values(torch.tensor([[0.0, 2 * math.log(3)]]), eta=2.0)  # 2 log((1 + 3) / 2)
+    assert cooler.item() == pytest.approx(2 * math.log(2))
+    part = TrainPartConfig(kind="token_prefix", prefix=1, alternate=True, soft_value_samples=2)
+    assert [soft_value_phase(part, i) for i in range(5)] == [True, True, True, False, True]  # 3 prefix, 1 suffix
+    assert not soft_value_phase(TrainPartConfig(kind="token_prefix", prefix=1), 0)  # off by default
+    seeds = continuation_seeds(torch.tensor([5, 6]), 2, run_seed=0, step=3)
+    assert seeds.shape == (2, 2) and len(set(seeds.flatten().tolist())) == 4
+    assert torch.equal(seeds, continuation_seeds(torch.tensor([5, 6]), 2, 0, 3))  # the same after a resume
+    assert not torch.equal(seeds, continuation_seeds(torch.tensor([5, 6]), 2, 0, 4))  # fresh every step
+
+
+class _RecordingLearner:
+    def __init__(self):
+        self.advantages = []
+
+    def step(self, micro, loss_fn):
+        self.advantages.append(torch.cat([m.advantages for m in micro]))
+        return {"train/grad_norm": 0.0}
+
+
+def test_update_trains_the_prefix_on_soft_values_and_the_suffix_on_rewards():
+    """One group of G = 2 with equal rewards [1, 1] but soft values [log 2, 0] (continuations [0, log 3]
+    and [0, 0]): prefix updates see A = +-(log2/2) / (log2/2 + 1e-4); the suffix update drops the group."""
+    trainer = GrpoTrainer.__new__(GrpoTrainer)  # only the update path: no pools, no model
+    trainer.cfg = load_config(GrpoConfig, SOFT_VALUE, ["samples_per_prompt=2", "prompts_per_step=1",
+                                                       "micro_batch_samples=2", "inner_epochs=2"])  # fmt: skip
+    trainer.learner, trainer.state = _RecordingLearner(), TrainerState(step=1)  # updates 2 (prefix), 3 (suffix)
+    batch = RolloutBatch(
+        prompts=["a", "a"], prompt_ids=["x", "x"], group_ids=torch.zeros(2, dtype=torch.long),
+        seeds=torch.tensor([1, 2]), tokens=torch.zeros(2, 16, 64), chains=torch.zeros(2, 16, 5, 64),
+        log_probs=torch.zeros(2, 16, 4), images=torch.zeros(2, 3, 64, 64, dtype=torch.uint8), policy_version=0,
+        sampling=SamplingConfig(image_size=64, num_head_steps=4),
+    )  # fmt: skip
+    values, _ = prefix_values(torch.tensor([[0.0, math.log(3)], [0.0, 0.0]]), eta=1.0)
+    metrics = trainer.update(batch, torch.tensor([1.0, 1.0]), values)
+    a = (math.log(2) / 2) / (math.log(2) / 2 + 1e-4)
+    assert len(trainer.learner.advantages) == 1  # the suffix update had no group left
+    torch.testing.assert_close(trainer.learner.advantages[0], torch.tensor([a, -a]))
+    assert metrics["grpo/kept_groups"] == 0.0  # the last update's filter (suffix, rewards [1, 1])
+
+
 # -- config errors ------------------------------------------------------------------------------
 
 
@@ -63,6 +123,19 @@ def test_rollout_seed_and_chunks():
         (["beta=high"], "beta: expected a number"),
         (["train_part.kind=step_prefix", "train_part.prefix=9"], "train_part.prefix"),
         (["prompts=nowhere.txt"], "prompt file not found"),
+        (["train_part.soft_value_sample=2"], "train_part: unknown key 'soft_value_sample'"),
+        (["train_part.soft_value_samples=2"], "train_part.soft_value_samples: continuations need a trajectory"),
+        (["train_part.soft_value_samples=-1"], "train_part.soft_value_samples: must be >= 0"),
+        (["train_part.soft_value_samples=two"], "train_part.soft_value_samples"),
+        (
+            [
+                "train_part.kind=token_prefix",
+                "train_part.prefix=2",
+                "train_part.soft_value_samples=2",
+                "train_part.soft_value_eta=0",
+            ],
+            "train_part.soft_value_eta: must be > 0",
+        ),
     ],
 )
 def test_bad_config_exits_2_with_one_line_and_no_run_dir(tmp_path, capsys, overrides, message):
@@ -117,4 +190,20 @@ def test_ray_rollout_pool_with_two_actors(tmp_path):
         ray.shutdown()
     rows = _rows(ray_run)
     assert [r["step"] for r in rows] == [1, 2] and (ray_run / "step_000002" / "model").is_dir()
+    assert rows[0]["grpo/logprob_diff"] < 1e-4
+
+
+@pytest.mark.deepspeed
+def test_soft_value_run_logs_its_metrics_in_prefix_updates_only(tmp_path):
+    args = [f"runs_root={tmp_path / 'runs'}", f"prompts={PROMPTS}", "run_name=soft", "steps=2",
+            "train_part.prefix_updates=1"]  # fmt: skip
+    run = run_grpo(load_config(GrpoConfig, SOFT_VALUE, args))  # a prefix update, then a suffix update
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [1, 2] and [r["policy_version"] for r in rows] == [1, 2]
+    for row in rows[:1]:
+        for key in ("grpo/soft_value/mean", "grpo/soft_value/std", "grpo/continuation_reward/mean",
+                    "time/soft_value_s"):  # fmt: skip
+            assert key in row, key
+        assert row["grpo/soft_value/mean"] >= row["grpo/continuation_reward/mean"] - 1e-6  # log-mean-exp >= mean
+    assert "grpo/soft_value/mean" not in rows[1] and "time/soft_value_s" not in rows[1]  # suffix: no continuations
     assert rows[0]["grpo/logprob_diff"] < 1e-4

@@ -22,6 +22,16 @@ def test_same_seed_same_image_alone_or_inside_a_batch(tiny):
     assert (other_seed - alone).abs().max() > 0.1
 
 
+def test_a_continuation_keeps_the_given_prefix_and_samples_the_rest(tiny):
+    prompts = ["a red circle", "two blue squares"]
+    full = sample_prompts(tiny, prompts, [7, 8], SMALL).tokens  # [2, 16, 64]
+    same_seeds = sample_prompts(tiny, prompts, [7, 8], SMALL, prefix_tokens=full[:, :5]).tokens
+    torch.testing.assert_close(same_seeds, full, atol=1e-5, rtol=1e-5)  # its own prefix + same noise: itself
+    other = sample_prompts(tiny, prompts, [9, 10], SMALL, prefix_tokens=full[:, :5]).tokens
+    assert torch.equal(other[:, :5], full[:, :5])  # the prefix is kept exactly
+    assert (other[:, 5:] - full[:, 5:]).abs().amax(dim=(1, 2)).min() > 0.1  # the rest is drawn afresh
+
+
 def test_cfg_scale_one_equals_no_cfg(tiny):
     cfg1 = SamplingConfig(image_size=64, cfg_scale=1.0, num_head_steps=6)
     prompts = ["a red circle", "two blue squares"]

@@ -21,8 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from alignment.jobs.pipeline import PipelineConfig, comparison_table  # noqa: E402
+from alignment.jobs.pipeline import Ledger, PipelineConfig, comparison_table, format_delta  # noqa: E402
 from base_model.schema import load_config  # noqa: E402
+from dashboard.markdown import markdown_table  # noqa: E402
 
 # checkpoint in the evaluation -> (what it is, the stages whose wall time it cost)
 METHODS = {
@@ -46,34 +47,34 @@ def main() -> int:
         return rc
     os.chdir(ROOT)
     cfg = load_config(PipelineConfig, args.config, args.overrides)
-    table, rows = comparison_table(cfg.report, Path(cfg.out_dir))
-    walls = json.loads((Path(cfg.out_dir) / "pipeline.json").read_text())["stages"]
+    table, rows = comparison_table(cfg.report)
+    walls = Ledger(Path(cfg.out_dir)).wall_times()
     rewards = cfg.report.rewards
-    lines = ["| checkpoint | what | stages' wall time (s) | "
-             + " | ".join(f"{r} | {r} vs pretrained [95% CI]" for r in rewards) + " | beats pretrained |",
-             "|" + "---|" * (4 + 2 * len(rewards))]  # fmt: skip
+    header = ["checkpoint", "what", "stages' wall time (s)"]
+    header += [col for r in rewards for col in (r, f"{r} vs pretrained [95% CI]")] + ["beats pretrained"]
+    lines = []
     for row in rows:
         name = row["checkpoint"]
         what, stages = METHODS.get(name, (name, []))
-        wall = sum(walls[s]["wall_s"] for s in stages if s in walls)
+        wall = sum(walls[s] for s in stages if s in walls)
         cells = [name, what, f"{wall:.0f}" if stages else "-"]
         wins = []
         for r in rewards:
             d = row.get(f"{r}_delta")
-            cells += [f"{row[r]:.3f}", "(baseline)" if d is None else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"]
+            cells += [f"{row[r]:.3f}", format_delta(d)]
             if d is not None:
                 wins.append(f"{r}: {'yes' if d[1] > 0 else 'no'}")
         cells.append(", ".join(wins) or "-")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(cells)
     selection = Path(cfg.out_dir) / "runs" / "sft" / "selection.json"
     chosen = json.loads(selection.read_text())["chosen"] if selection.is_file() else "?"
-    total = sum(v["wall_s"] for v in walls.values())
+    total = sum(walls.values())
     text = "\n".join([
         "# End-to-end proof on the shapes world (CPU)", "",
         f"`python bench/e2e.py` on {platform.machine()} with {os.cpu_count()} CPU cores; pipeline "
         f"`{args.config}`; total wall time {total:.0f} s (stages: "
-        + ", ".join(f"{k} {v['wall_s']:.0f}" for k, v in walls.items()) + ").", "",
-        *lines, "",
+        + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()) + ").", "",
+        markdown_table(header, lines), "",
         table.split("\n\n")[-1].strip() if "\n\n" in table else "",
         f"SFT selection chose `{chosen}` (runs/e2e/runs/sft/selection.md). 'beats pretrained': the lower end "
         "of the paired 95% CI is above zero.", "",

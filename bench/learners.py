@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]  # see bench/rollout.py
 
+from dashboard.markdown import markdown_table  # noqa: E402
+
 
 def sft_data(path: Path, num_rows: int = 32) -> Path:
     """(caption, PNG) rows of flat-coloured squares, the SFT job's input format."""
@@ -102,11 +104,6 @@ def grpo_shares(tmp: Path, preset: str) -> tuple:
     return (preset, *[f"{100 * sum(v) / len(v):.0f}%" if v else "n/a" for v in share.values()])
 
 
-def table(header: tuple, rows: list[tuple]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny preset, ZeRO-2 only, 3 steps")
@@ -127,9 +124,11 @@ def main() -> None:
         shares = [grpo_shares(tmp, p) for p in presets]
     text = "\n\n".join([
         "# Learner benchmark (CPU, 2 threads, DeepSpeed world 1; random tiny/mid, 64x64 = 16 tokens)",
-        table(("job", "preset", "ZeRO", "samples/step", "s/step", "samples/s", "GRPO learn-only samples/s"), rows),
+        markdown_table(
+            ("job", "preset", "ZeRO", "samples/step", "s/step", "samples/s", "GRPO learn-only samples/s"), rows
+        ),
         "## Where a GRPO iteration goes (ZeRO-2; 2 prompts x 4 samples, 4 head steps, JPEG reward)",
-        table(("preset", "rollout", "reward", "learn", "weight sync"), shares),
+        markdown_table(("preset", "rollout", "reward", "learn", "weight sync"), shares),
         "Samples: images for SFT and GRPO, pairs for DPO (each pair = 2 images, policy + reference passes). "
         "GRPO's s/step is the whole online iteration (rollout with chains, reward, re-scoring + update, "
         "weight broadcast).",

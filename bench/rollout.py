@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # run as `python bench/rollout.py`, this file's folder comes first on sys.path and would shadow the
 # `rollout` package with this very script
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+
+from dashboard.markdown import markdown_table  # noqa: E402
+
 CONFIG = ROOT / "configs" / "prefs" / "tiny.yaml"
 PROMPT_FILE = ROOT.parent / "shared" / "prompts" / "pickscore_train.txt"
 
@@ -120,11 +123,6 @@ def projection_rows(ray_overhead: float) -> list[tuple]:
     return rows
 
 
-def table(header: tuple, rows: list[tuple]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller workloads (smoke run)")
@@ -148,8 +146,8 @@ def main() -> None:
     text = "\n\n".join([
         "# Rollout benchmark (CPU, 2 cores; build-prefs on random tiny/mid, 64x64, cfg 7.5, 20 head steps, "
         "8 samples per prompt, JPEG reward)",
-        table(("preset", "pool", "prompts/s", "images/s", "vs in-process", "first shard s", "wall s"), rows),
-        table(("measure", "value"), [
+        markdown_table(("preset", "pool", "prompts/s", "images/s", "vs in-process", "first shard s", "wall s"), rows),
+        markdown_table(("measure", "value"), [
             *[(f"Ray overhead: time per prompt, Ray 1 worker vs in-process, 1 thread each ({p})", f"{o * 100:+.1f}%")
               for p, o in overhead.items()],
             (f"peak RSS, {small} prompts", f"{m_small['peak_mib']:.0f} MiB ({m_small['wall_s']:.0f} s)"),
@@ -157,7 +155,7 @@ def main() -> None:
             (f"peak RSS ratio {large} / {small} prompts", f"{m_large['peak_mib'] / m_small['peak_mib']:.2f}x"),
         ]),  # fmt: skip
         "## Projection (on paper): 20K prompts x 16 samples = 320K images at 512^2, cfg 7.5, 50 head steps",
-        table(("per-GPU rate", "H100s", "wall time", "days"), projection_rows(max(overhead.values()))),
+        markdown_table(("per-GPU rate", "H100s", "wall time", "days"), projection_rows(max(overhead.values()))),
         "Reading: per-GPU rates are the paper's batch-1 pipeline (0.09 img/s), our target with ~64 images in "
         "flight (1.5 img/s) and the bandwidth roofline (~3 img/s); none is measured here (no GPU). Times add "
         "the worst Ray overhead measured above and exclude reward scoring (ImageReward on a GPU is ~100x "

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from alignment.runs import atomic_write_text
 from base_model.errors import ConfigError, UserError
 from base_model.schema import load_config
 
@@ -93,30 +94,36 @@ class PipelineConfig:
         unknown = sorted(set(self.stage_overrides) - set(names))
         if unknown:
             raise ConfigError(f"{where}.stage_overrides: no stage named '{unknown[0]}' ({', '.join(names)})")
-        for stage in self.stages:
-            stage.overrides = [*stage.overrides, *self.stage_overrides.get(stage.name, [])]
         if self.report.num_resamples < 100:
             raise ConfigError(f"{where}.report.num_resamples: must be >= 100, got {self.report.num_resamples}")
 
+    def overrides_of(self, stage: StageConfig) -> list[str]:
+        """The stage's own overrides, then the pipeline's `stage_overrides` for it."""
+        return [*stage.overrides, *self.stage_overrides.get(stage.name, [])]
 
-def check_stage_configs(cfg: PipelineConfig) -> None:
-    """Load and validate every stage's config now, so a typo in the last stage fails before the first runs."""
+
+def check_stage_configs(cfg: PipelineConfig) -> dict[str, object]:
+    """Load and validate every stage's config now, so a typo in the last stage fails before the first runs.
+    Returns stage name -> its loaded config."""
     if cfg.world.config:
         from shapes.build_world import WorldConfig
 
         load_config(WorldConfig, cfg.world.config)
+    loaded = {}
     for stage in cfg.stages:
         module, cls = JOB_CONFIGS[stage.job]
         try:
-            load_config(getattr(importlib.import_module(module), cls), stage.config, stage.overrides)
+            schema = getattr(importlib.import_module(module), cls)
+            loaded[stage.name] = load_config(schema, stage.config, cfg.overrides_of(stage))
         except ConfigError as e:
             raise ConfigError(f"stage '{stage.name}' ({stage.job}): {e}") from None
+    return loaded
 
 
-def stage_key(job: str, config: str, overrides: list[str]) -> str:
-    """What a finished stage ran: a hash of its job, config text and overrides."""
-    text = Path(config).read_text(encoding="utf-8") if config else ""
-    return hashlib.sha256(json.dumps([job, text, overrides]).encode()).hexdigest()[:16]
+def stage_key(argv: list[str], config: str) -> str:
+    """What a finished stage ran: a hash of its command line and its config file's text."""
+    text = Path(config).read_text(encoding="utf-8")
+    return hashlib.sha256(json.dumps([argv, text]).encode()).hexdigest()[:16]
 
 
 class Ledger:
@@ -126,15 +133,13 @@ class Ledger:
         self.path = out_dir / "pipeline.json"
         self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}
 
-    def done(self, name: str, key: str) -> bool:
+    def done(self, name: str, key: str | None) -> bool:
         entry = self.data["stages"].get(name)
-        return bool(entry) and entry["key"] == key
+        return key is not None and bool(entry) and entry["key"] == key
 
-    def record(self, name: str, key: str, wall_s: float) -> None:
+    def record(self, name: str, key: str | None, wall_s: float) -> None:
         self.data["stages"][name] = {"key": key, "wall_s": round(wall_s, 1)}
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
 
     def wall_times(self) -> dict[str, float]:
         return {name: entry["wall_s"] for name, entry in self.data["stages"].items()}
@@ -151,9 +156,10 @@ def run_stage(name: str, argv: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
-def comparison_table(cfg: ReportConfig, out_dir: Path) -> tuple[str, list[dict]]:
+def comparison_table(cfg: ReportConfig) -> tuple[str, list[dict]]:
     """Markdown table of every checkpoint vs the baseline, CIs by resampling prompts (seeds stay paired)."""
     from dashboard.data import read_eval
+    from dashboard.markdown import markdown_table
     from dashboard.stats import per_prompt_delta_ci
 
     res = read_eval(cfg.eval_dir)
@@ -175,49 +181,51 @@ def comparison_table(cfg: ReportConfig, out_dir: Path) -> tuple[str, list[dict]]
         rows.append(row)
     n_prompts = len(set(res.prompt_ids))
     head = ["checkpoint"] + [f"{r} (mean)" for r in rewards] + [f"{r} vs {baseline} [95% CI]" for r in rewards]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = []
     for row in rows:
-        cells = [row["checkpoint"]] + [f"{row[r]:.3f}" for r in rewards]
-        for r in rewards:
-            d = row.get(f"{r}_delta")
-            cells.append("(baseline)" if d is None else f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]")
-        lines.append("| " + " | ".join(cells) + " |")
+        deltas = [format_delta(row.get(f"{r}_delta")) for r in rewards]
+        cells.append([row["checkpoint"], *(f"{row[r]:.3f}" for r in rewards), *deltas])
     note = (f"\n{len(res.prompt_ids)} images per checkpoint: {n_prompts} held-out prompts x "
             f"{len(res.prompt_ids) // max(n_prompts, 1)} seeds, the same seeds for every checkpoint; CIs: "
             f"paired bootstrap over prompts ({cfg.num_resamples} resamples).")  # fmt: skip
-    return "\n".join(lines) + "\n" + note + "\n", rows
+    return markdown_table(head, cells) + "\n" + note + "\n", rows
+
+
+def format_delta(delta: tuple[float, float, float] | None) -> str:
+    """(gain, low, high) -> '+0.012 [-0.003, +0.027]'; None (the baseline itself) -> '(baseline)'."""
+    return "(baseline)" if delta is None else f"{delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]"
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
-    check_stage_configs(cfg)
+    loaded = check_stage_configs(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(out)
-    stages: list[tuple[str, str, list[str]]] = []
+    # (name, nsalign argv, key: None = always rerun, as the dashboard must to see what the stages wrote)
+    stages: list[tuple[str, list[str], str | None]] = []
     if cfg.world.config:
-        stages.append(("world", "shapes-world", [cfg.world.config, "--out", cfg.world.out, "--data-only"]))
-    stages += [(s.name, s.job, [s.config, *s.overrides]) for s in cfg.stages]
+        argv = ["shapes-world", cfg.world.config, "--out", cfg.world.out, "--data-only"]
+        stages.append(("world", argv, stage_key(argv, cfg.world.config)))
+    for s in cfg.stages:
+        argv = [s.job, s.config, *cfg.overrides_of(s)]
+        stages.append((s.name, argv, stage_key(argv, s.config)))
     if cfg.dashboard.out:
         extra = ["--baseline", cfg.dashboard.baseline] if cfg.dashboard.baseline else []
-        stages.append(("dashboard", "dashboard", [*cfg.dashboard.inputs, "--out", cfg.dashboard.out, *extra]))
-    for name, job, args in stages:
-        key = stage_key(job, args[0] if job != "dashboard" else "", args)
-        if ledger.done(name, key) and name != "dashboard":
+        stages.append(("dashboard", ["dashboard", *cfg.dashboard.inputs, "--out", cfg.dashboard.out, *extra], None))
+    for name, argv, key in stages:
+        if ledger.done(name, key):
             print(f"pipeline: stage {name}: done earlier, skipped", flush=True)
             continue
-        ledger.record(name, key, run_stage(name, [job, *args], cfg.env))
+        ledger.record(name, key, run_stage(name, argv, cfg.env))
     print("\npipeline: wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in ledger.wall_times().items()))
     if cfg.report.eval_dir:
-        table, _ = comparison_table(cfg.report, out)
+        table, _ = comparison_table(cfg.report)
         report = Path(cfg.report.out or out / "report.md")
         report.write_text(table, encoding="utf-8")
         print("\n" + table + f"(also in {report})")
-    from alignment.jobs.select import SelectConfig
-
     for stage in cfg.stages:
         if stage.job == "select":
-            sel = load_config(SelectConfig, stage.config, stage.overrides)
-            print(f"pipeline: selection report ({stage.name}): {Path(sel.run_dir) / 'selection.md'}")
+            print(f"pipeline: selection report ({stage.name}): {Path(loaded[stage.name].run_dir) / 'selection.md'}")
     if cfg.dashboard.out:
         print(f"pipeline: dashboard: {Path(cfg.dashboard.out) / 'index.html'} (open it in a browser; "
               f"`nsalign dashboard ... --serve` serves it on 127.0.0.1)")  # fmt: skip

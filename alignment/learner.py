@@ -278,7 +278,16 @@ class Learner:
         totals: dict[str, float] = {}
         n = len(micro_batches)
         finite = True
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
+            # our micro batches vary in number, so DeepSpeed runs with gradient_accumulation_steps 1 and is told
+            # where the boundary is: without this, ZeRO-1/2 reduce each backward into the same gradient
+            # partition and keep only the last micro batch's gradient
+            self.engine.set_gradient_accumulation_boundary(i == n - 1)
+            # what engine.forward does first (our losses call the module's own methods): ZeRO-3 counts micro
+            # steps here, and at micro step 0 it overwrites the gradient partition instead of adding to it
+            clear_seen = getattr(self.engine.optimizer, "clear_backward_seen_flag", None)
+            if clear_seen is not None:
+                clear_seen()
             loss, metrics = loss_fn(self.engine.module, mb)
             if not self._all_ranks(bool(torch.isfinite(loss.detach()).item())):  # every rank skips together
                 finite = False
@@ -297,13 +306,23 @@ class Learner:
         lr = self.cfg.lr * self.lr_factor(self.step_count)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
+        # DeepSpeed reports the norm only when ZeRO computes it; without ZeRO the full gradients are here
+        local_norm = self.unpartitioned_grad_norm() if self.cfg.zero_stage == 0 else None
         self.engine.step()
         self.step_count += 1
         grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = grad_norm if grad_norm is not None else local_norm
         totals["train/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         totals["train/lr"] = lr
         totals["train/skipped_nonfinite"] = float(self.num_skipped)
         return self.mean_over_ranks(totals)
+
+    def unpartitioned_grad_norm(self) -> float:
+        """L2 norm over every trainable parameter's gradient before clipping (ZeRO stage 0: full gradients)."""
+        grads = [p.grad.detach().float() for p in self.engine.module.parameters() if p.grad is not None]
+        return (
+            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        )
 
     def policy_weights(self, rank0_only: bool = False) -> dict[str, torch.Tensor]:
         """Full fp32-on-CPU state dict of the plain policy (ZeRO-3 gathered, LoRA merged), for rollout workers

@@ -1,5 +1,6 @@
 """The DeepSpeed learner at world size 1 on the CPU (ZeRO over gloo)."""
 
+import copy
 import math
 
 import pytest
@@ -43,6 +44,29 @@ def test_sft_steps_reduce_the_loss_and_report_health_metrics():
     assert math.isfinite(first["train/grad_norm"]) and learner.step_count == 6
     weights = learner.policy_weights()
     assert weights["lm_head.weight"].dtype == torch.float32
+
+
+def test_every_zero_stage_accumulates_all_micro_batches():
+    # one step over 2 micro batches must use both gradients at every stage: before the learner told
+    # DeepSpeed where the accumulation boundary is, ZeRO-1/2/3 kept only the last micro batch's gradient
+    learner, data, loss_fn = _sft_setup(stage=0)
+    reference = copy.deepcopy(learner.engine.module)
+    for mb in data:
+        (loss_fn(reference, mb)[0] / len(data)).backward()
+    norm = float(
+        torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters() if p.grad is not None]))
+    )
+    last_only = copy.deepcopy(learner.engine.module)
+    (loss_fn(last_only, data[1])[0] / len(data)).backward()
+    assert norm > 0 and abs(norm - float(torch.linalg.vector_norm(torch.stack(
+        [p.grad.norm() for p in last_only.parameters() if p.grad is not None])))) > 0.05 * norm  # fmt: skip
+    weights = {}
+    for stage in (0, 1, 2, 3):
+        learner, data, loss_fn = _sft_setup(stage)
+        assert learner.step(data, loss_fn)["train/grad_norm"] == pytest.approx(norm, rel=1e-5), f"stage {stage}"
+        weights[stage] = learner.policy_weights()
+    for stage in (1, 2, 3):
+        assert all(torch.allclose(weights[0][k], weights[stage][k], atol=1e-6) for k in weights[0]), f"stage {stage}"
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_job():

@@ -81,7 +81,9 @@ def main() -> int:
     ])  # fmt: skip
     Path(args.out).write_text(text, encoding="utf-8")
     print("\n" + text)
-    return 0
+    from e2e_diagnose import main as diagnose  # bench/ is on sys.path when run as a script
+
+    return diagnose(["--eval", cfg.report.eval_dir, "--metadata", str(Path(cfg.world.out) / "data" / "metadata.jsonl")])
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ REWARD_TYPES: dict[str, str] = {
     "ocr": "rewards.ocr",
     "geneval": "rewards.geneval",
     "jpeg": "rewards.jpeg",
+    "shapes_scene": "shapes.reward",  # the shapes world's shaped rule reward (training only)
 }
 
 

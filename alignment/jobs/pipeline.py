@@ -9,8 +9,10 @@ longer one (configs/e2e/shapes.yaml) for the proof table.
 Every stage config is loaded and validated (unknown key, wrong type) before the first stage starts.
 Each stage runs as its own process (`python -m alignment.cli JOB CONFIG OVERRIDES...`), so a stage
 that fails stops the pipeline with its own message, and the jobs' own resume applies: run the same
-command again and finished stages are skipped (<out_dir>/pipeline.json records each one with the
-config it ran), an interrupted one resumes from its last checkpoint.
+command again and finished stages are skipped (<out_dir>/pipeline.json records each one with a key of
+its command line, its config text and the keys of the stages before it), an interrupted one resumes
+from its last checkpoint. A finished stage whose key changed (its config, its overrides or an earlier
+stage changed) is refused before anything runs: its outputs would be stale.
 """
 
 from __future__ import annotations
@@ -126,6 +128,16 @@ def stage_key(argv: list[str], config: str) -> str:
     return hashlib.sha256(json.dumps([argv, text]).encode()).hexdigest()[:16]
 
 
+def chain_keys(stages: list[tuple[str, list[str], str | None]]) -> list[tuple[str, list[str], str | None]]:
+    """Each stage's key also hashes the keys before it: a stage whose inputs changed upstream is not done."""
+    out, chain = [], ""
+    for name, argv, key in stages:
+        if key is not None:
+            key = chain = hashlib.sha256(f"{chain}:{key}".encode()).hexdigest()[:16]
+        out.append((name, argv, key))
+    return out
+
+
 class Ledger:
     """<out_dir>/pipeline.json: finished stages with their key and wall time, rewritten atomically."""
 
@@ -136,6 +148,11 @@ class Ledger:
     def done(self, name: str, key: str | None) -> bool:
         entry = self.data["stages"].get(name)
         return key is not None and bool(entry) and entry["key"] == key
+
+    def stale(self, name: str, key: str | None) -> bool:
+        """Recorded as finished, but with another key: what it wrote no longer matches its inputs."""
+        entry = self.data["stages"].get(name)
+        return key is not None and bool(entry) and entry["key"] != key
 
     def record(self, name: str, key: str | None, wall_s: float) -> None:
         self.data["stages"][name] = {"key": key, "wall_s": round(wall_s, 1)}
@@ -212,6 +229,15 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     if cfg.dashboard.out:
         extra = ["--baseline", cfg.dashboard.baseline] if cfg.dashboard.baseline else []
         stages.append(("dashboard", ["dashboard", *cfg.dashboard.inputs, "--out", cfg.dashboard.out, *extra], None))
+    stages = chain_keys(stages)
+    stale = [name for name, _, key in stages if ledger.stale(name, key)]
+    if stale:
+        raise UserError(
+            f"stage '{stale[0]}' finished earlier with other inputs (its command line, its config or an earlier "
+            "stage changed since); its outputs would be stale, and a job's own resume keeps what it finds. To redo "
+            f"it, delete its outputs and those of every later stage and their entries in {ledger.path}, or use a "
+            "new out_dir"
+        )
     for name, argv, key in stages:
         if ledger.done(name, key):
             print(f"pipeline: stage {name}: done earlier, skipped", flush=True)

@@ -60,10 +60,27 @@ def test_finished_stages_are_skipped_and_the_table_pairs_checkpoints(tmp_path, c
     assert list(ledger["stages"]) == ["eval"] and ledger["stages"]["eval"]["wall_s"] > 0
     assert main(["pipeline", path]) == 0
     assert "stage eval: done earlier, skipped" in capfd.readouterr().out
-    # a changed stage config is not "done": it runs (and the job itself refuses or extends as it sees fit)
+    # a changed stage is not "done", and its outputs are stale: refused before anything runs
     path = _pipeline(tmp_path, [_eval_stage(tmp_path, "thumbnail_size=32")], report=report)
-    assert main(["pipeline", path]) == 2  # evaluate refuses a different config in the same out_dir
-    assert "stage 'eval' (nsalign evaluate) failed with exit code 2" in capfd.readouterr().err
+    assert main(["pipeline", path]) == 2
+    out, err = capfd.readouterr()
+    assert "stage 'eval' finished earlier with other inputs" in err and "nsalign evaluate" not in out
+
+
+def test_a_stage_after_a_changed_stage_is_stale(tmp_path, capfd):
+    # "later" runs after "first"; if "first" is redone with other inputs (its entry forgotten, as the message
+    # says), "later" is no longer done either: its key chains the keys before it
+    first, later = _eval_stage(tmp_path), {**_eval_stage(tmp_path), "name": "later"}
+    later["overrides"] = [o.replace(str(tmp_path / "eval"), str(tmp_path / "eval2")) for o in later["overrides"]]
+    assert main(["pipeline", _pipeline(tmp_path, [first, later])]) == 0
+    ledger_path = tmp_path / "pipe" / "pipeline.json"
+    ledger = json.loads(ledger_path.read_text())
+    del ledger["stages"]["eval"]
+    ledger_path.write_text(json.dumps(ledger))
+    first["overrides"] = [*first["overrides"], f"out_dir={tmp_path / 'eval_new'}"]
+    capfd.readouterr()
+    assert main(["pipeline", _pipeline(tmp_path, [first, later])]) == 2
+    assert "stage 'later' finished earlier with other inputs" in capfd.readouterr().err
 
 
 @pytest.mark.slow

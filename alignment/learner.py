@@ -320,9 +320,7 @@ class Learner:
     def unpartitioned_grad_norm(self) -> float:
         """L2 norm over every trainable parameter's gradient before clipping (ZeRO stage 0: full gradients)."""
         grads = [p.grad.detach().float() for p in self.engine.module.parameters() if p.grad is not None]
-        return (
-            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
-        )
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     def policy_weights(self, rank0_only: bool = False) -> dict[str, torch.Tensor]:
         """Full fp32-on-CPU state dict of the plain policy (ZeRO-3 gathered, LoRA merged), for rollout workers

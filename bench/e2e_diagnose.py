@@ -16,28 +16,21 @@ from __future__ import annotations
 
 import argparse
 import collections
-import io
 import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dashboard.markdown import markdown_table  # noqa: E402
 from rewards.geneval import read_metadata  # noqa: E402
+from rollout.prefs_format import decode_png  # noqa: E402
 from shapes.detect import ShapesDetector  # noqa: E402
 from shapes.reward import scene_credit  # noqa: E402
-
-
-def decode(png: bytes) -> torch.Tensor:
-    """PNG bytes -> uint8 [3, H, W]."""
-    return torch.from_numpy(np.array(Image.open(io.BytesIO(png)).convert("RGB"))).permute(2, 0, 1)
 
 
 def diagnose(rows: list[dict], table: dict, detector: ShapesDetector) -> dict[str, float]:
@@ -45,7 +38,7 @@ def diagnose(rows: list[dict], table: dict, detector: ShapesDetector) -> dict[st
     offsets, hits, named_total = collections.Counter(), collections.Counter(), 0
     shaped = []
     for r in rows:
-        clauses, found = table[r["prompt"]], detector(decode(r["thumbnail"]))
+        clauses, found = table[r["prompt"]], detector(decode_png(r["thumbnail"]))
         named = sum(req.count for req in clauses.include)
         offsets[min(2, max(-1, len(found) - named))] += 1
         for req in clauses.include:

@@ -34,6 +34,11 @@ def nearest_color(image: np.ndarray, palette: np.ndarray, max_distance: float) -
     return index
 
 
+def fill_of(part: np.ndarray, box: tuple) -> float:
+    """Area / bounding-box area of a component: mask [H, W] bool, box (x0, y0, x1, y1) exclusive ends."""
+    return float(part.sum()) / max((box[2] - box[0]) * (box[3] - box[1]), 1)
+
+
 def classify_fill(fill: float, square_above: float = 0.89, circle_above: float = 0.64) -> str:
     """Fill ratio of the bounding box -> shape: square ~1.0, circle ~0.785, triangle ~0.5 (cut at midpoints)."""
     if fill >= square_above:
@@ -72,8 +77,7 @@ class ShapesDetector:
         found = []
         for c, name in enumerate(self.names):
             for part, box in components(index == c, self.min_area):
-                area_box = (box[2] - box[0]) * (box[3] - box[1])
-                shape = classify_fill(float(part.sum()) / area_box, self.square_above, self.circle_above)
+                shape = classify_fill(fill_of(part, box), self.square_above, self.circle_above)
                 found.append(Detection(shape, tuple(float(v) for v in box), 1.0, name, part))
         return found
 

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from base_model.errors import UserError
+from base_model.errors import ConfigError, UserError
 from rewards.base import RequiredFile, RewardOutput, check_inputs
 from rewards.common import require_file
 from rewards.geneval import SOURCE, Clauses, Detection, read_metadata, relative_position
-from shapes.detect import ShapesDetector
+from shapes.detect import ShapesDetector, fill_of
 from shapes.scenes import fill_ratio
 
 
@@ -40,19 +40,11 @@ class Config:
     position_threshold: float = 0.1  # GenEval POSITION_THRESHOLD
 
     def validate(self, where: str) -> None:
-        from base_model.errors import ConfigError
-
         if not self.shape_width > 0:
             raise ConfigError(f"{where}.shape_width: must be > 0, got {self.shape_width}")
 
     def files(self) -> list[RequiredFile]:
         return [RequiredFile("metadata", self.metadata, SOURCE, "jsonl: tag, include, exclude, prompt")]
-
-
-def fill_of(d: Detection) -> float:
-    """Area / bounding-box area of a detected component (its mask)."""
-    area_box = (d.box[2] - d.box[0]) * (d.box[3] - d.box[1])
-    return float(d.mask.sum()) / max(area_box, 1.0)
 
 
 def shape_credit(fill: float, shape: str, width: float = 0.25) -> float:
@@ -67,7 +59,7 @@ def scene_credit(clauses: Clauses, detections: list[Detection], width: float = 0
     best: list[Detection | None] = []  # per include entry: its best object
     objects, relations = [], []
     for req in clauses.include:
-        mine = sorted(((shape_credit(fill_of(d), req.label, width), i) for i, d in enumerate(unused)
+        mine = sorted(((shape_credit(fill_of(d.mask, d.box), req.label, width), i) for i, d in enumerate(unused)
                        if req.color is None or d.color == req.color), reverse=True)[: req.count]  # fmt: skip
         credits = [c for c, _ in mine] + [0.0] * (req.count - len(mine))
         objects.append(sum(credits) / req.count)

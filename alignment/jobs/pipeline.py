@@ -29,20 +29,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from alignment.cli import SUBCOMMANDS
 from alignment.runs import atomic_write_text
 from base_model.errors import ConfigError, UserError
 from base_model.schema import load_config
 
 Job = Literal["sft", "build-prefs", "dpo", "grpo", "evaluate", "select"]
 
-# job -> (module, config class): used to validate every stage's config before anything runs
-JOB_CONFIGS: dict[str, tuple[str, str]] = {
-    "sft": ("alignment.jobs.sft", "SftConfig"),
-    "build-prefs": ("rollout.build_prefs", "BuildPrefsConfig"),
-    "dpo": ("alignment.jobs.dpo", "DpoConfig"),
-    "grpo": ("alignment.jobs.grpo", "GrpoConfig"),
-    "evaluate": ("alignment.jobs.evaluate", "EvaluateConfig"),
-    "select": ("alignment.jobs.select", "SelectConfig"),
+# job -> its config class in the job's module (alignment.cli.SUBCOMMANDS): every stage's config is
+# validated before anything runs
+JOB_CONFIGS: dict[str, str] = {
+    "sft": "SftConfig",
+    "build-prefs": "BuildPrefsConfig",
+    "dpo": "DpoConfig",
+    "grpo": "GrpoConfig",
+    "evaluate": "EvaluateConfig",
+    "select": "SelectConfig",
 }
 
 
@@ -113,9 +115,8 @@ def check_stage_configs(cfg: PipelineConfig) -> dict[str, object]:
         load_config(WorldConfig, cfg.world.config)
     loaded = {}
     for stage in cfg.stages:
-        module, cls = JOB_CONFIGS[stage.job]
         try:
-            schema = getattr(importlib.import_module(module), cls)
+            schema = getattr(importlib.import_module(SUBCOMMANDS[stage.job][0]), JOB_CONFIGS[stage.job])
             loaded[stage.name] = load_config(schema, stage.config, cfg.overrides_of(stage))
         except ConfigError as e:
             raise ConfigError(f"stage '{stage.name}' ({stage.job}): {e}") from None
@@ -151,8 +152,7 @@ class Ledger:
 
     def stale(self, name: str, key: str | None) -> bool:
         """Recorded as finished, but with another key: what it wrote no longer matches its inputs."""
-        entry = self.data["stages"].get(name)
-        return key is not None and bool(entry) and entry["key"] != key
+        return key is not None and name in self.data["stages"] and not self.done(name, key)
 
     def record(self, name: str, key: str | None, wall_s: float) -> None:
         self.data["stages"][name] = {"key": key, "wall_s": round(wall_s, 1)}

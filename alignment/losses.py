@@ -59,11 +59,21 @@ def diffusion_dpo_loss(
 # GRPO (Flow-GRPO, arXiv 2505.05470, adapted to NextStep's head SDE).
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, clip: float = 5.0) -> torch.Tensor:
-    """rewards [P, G] -> advantages [P, G] = (r - mean_group) / (std_group + eps), clipped to [-clip, clip]."""
-    mean = rewards.mean(dim=1, keepdim=True)
-    std = rewards.std(dim=1, keepdim=True, unbiased=False)
-    return ((rewards - mean) / (std + eps)).clamp(-clip, clip)
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, clip: float = 5.0, scale: str = "group") -> torch.Tensor:
+    """rewards [P, G] -> advantages [P, G] = (r - mean_group) / (std + eps), clipped to [-clip, clip].
+
+    scale "group": std of each group (GRPO); "batch": one std over every centred reward of the batch, so a
+    group whose rewards barely differ keeps small advantages instead of being blown up to unit scale
+    (flow_grpo's global std, in the spirit of Dr. GRPO); "none": centred rewards only.
+    """
+    centred = rewards - rewards.mean(dim=1, keepdim=True)  # [P, G]
+    if scale == "group":
+        centred = centred / (rewards.std(dim=1, keepdim=True, unbiased=False) + eps)  # std [P, 1]
+    elif scale == "batch":
+        centred = centred / (centred.pow(2).mean().sqrt() + eps)  # std []
+    elif scale != "none":
+        raise ValueError(f"advantage scale must be 'group', 'batch' or 'none', got {scale!r}")
+    return centred.clamp(-clip, clip)
 
 
 def keep_groups(rewards: torch.Tensor, min_std: float, max_mean: float | None) -> torch.Tensor:

@@ -75,6 +75,7 @@ class GrpoConfig:
     inner_epochs: int = 1  # optimizer updates per rollout batch (1: strictly on-policy)
     clip_eps: float | None = None  # None: 1e-4 per latent dim (see the module docstring)
     beta: float = 0.04  # KL to the frozen reference; 0 skips the reference model
+    advantage_scale: str = "group"  # divide centred rewards by each group's std, the batch's, or "none"
     train_with_cfg: bool = False  # NextStep-1.1 trains without CFG
     timestep_fraction: float = 1.0  # share of head steps trained per step (DanceGRPO 0.6)
     group_filter: GroupFilterConfig = field(default_factory=GroupFilterConfig)
@@ -101,6 +102,8 @@ class GrpoConfig:
             raise ConfigError(f"{where}.clip_eps: must be > 0, got {self.clip_eps}")
         if self.beta < 0:
             raise ConfigError(f"{where}.beta: must be >= 0, got {self.beta}")
+        if self.advantage_scale not in ("group", "batch", "none"):
+            raise ConfigError(f"{where}.advantage_scale: 'group', 'batch' or 'none', got {self.advantage_scale!r}")
         if not 0.0 < self.timestep_fraction <= 1.0:
             raise ConfigError(f"{where}.timestep_fraction: must be in (0, 1], got {self.timestep_fraction}")
         if self.rollout.dtype not in ("float32", "bfloat16"):
@@ -314,7 +317,7 @@ class GrpoTrainer:
             metrics["grpo/kept_groups"] = float(keep.sum())
             if not keep.any():
                 continue
-            advantages = group_advantages(grouped)[keep].flatten()  # [B_kept]
+            advantages = group_advantages(grouped[keep], scale=cfg.advantage_scale).flatten()  # [B_kept]
             kept = batch.select(keep.repeat_interleave(g).nonzero().flatten())
             n, mb = len(kept), cfg.micro_batch_samples
             num_micro = -(-n // mb)

@@ -53,6 +53,16 @@ def test_group_advantages_hand_values():
     assert group_advantages(torch.tensor([[0.0, 0.0, 0.0, 100.0]]), clip=1.5).max() == 1.5
 
 
+def test_batch_scaled_advantages_keep_small_groups_small():
+    r = torch.tensor([[0.0, 1.0], [0.0, 0.1]])
+    # centred (-0.5, 0.5), (-0.05, 0.05); one std sqrt((0.25 + 0.25 + 0.0025 + 0.0025) / 4) = 0.355317
+    adv = group_advantages(r, eps=0.0, scale="batch")
+    assert adv.flatten().tolist() == pytest.approx([-1.407195, 1.407195, -0.1407195, 0.1407195], rel=1e-5)
+    group = [-0.5 / 0.5001, 0.5 / 0.5001, -0.05 / 0.0501, 0.05 / 0.0501]  # each group to unit scale
+    assert group_advantages(r, eps=1e-4, scale="group").flatten().tolist() == pytest.approx(group, rel=1e-5)
+    assert group_advantages(r, scale="none").flatten().tolist() == pytest.approx([-0.5, 0.5, -0.05, 0.05])
+
+
 def test_keep_groups():
     r = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.9, 1.0]])
     assert keep_groups(r, min_std=0.01, max_mean=None).tolist() == [False, True, True]

@@ -8,7 +8,8 @@ Reads an `nsalign evaluate` directory of the shapes world (its kept thumbnails m
 and prints, per checkpoint, from the exact detector:
 - objects drawn minus objects named (<= -1 / 0 / +1 / >= +2): extra objects are how GenEval's partial
   credit gets gamed, missing ones how a reward that punishes extras gets gamed;
-- per named object: a component of its colour exists / one of its colour and shape exists;
+- per named object: a component of its colour exists / one of its colour and shape exists / when its colour
+  is one component, that component has the named shape (colour-shape binding; ~1/3 by chance);
 - the shaped scene reward (`shapes/reward.py`, training-only) and GenEval's strict and partial means.
 """
 
@@ -46,11 +47,15 @@ def diagnose(rows: list[dict], table: dict, detector: ShapesDetector) -> dict[st
             coloured = [d for d in found if req.color is None or d.color == req.color]
             hits["colour"] += bool(coloured)
             hits["colour+shape"] += any(d.label == req.label for d in coloured)
+            if req.color is not None and len(coloured) == 1:  # binding: does its one object have the named shape?
+                hits["sole"] += 1
+                hits["sole+shape"] += coloured[0].label == req.label
         shaped.append(scene_credit(clauses, found)["reward"])
     n = len(rows)
     return {
         "<= -1": offsets[-1] / n, "0": offsets[0] / n, "+1": offsets[1] / n, ">= +2": offsets[2] / n,
         "colour": hits["colour"] / named_total, "colour+shape": hits["colour+shape"] / named_total,
+        "binding": hits["sole+shape"] / max(hits["sole"], 1),
         "shaped": float(np.mean(shaped)),
         "strict": float(np.mean([r["scores"]["strict"] for r in rows])),
         "partial": float(np.mean([r["scores"]["partial"] for r in rows])),
@@ -67,7 +72,8 @@ def diagnosis_table(eval_dir: str | Path, metadata: str | Path) -> str:
         by_checkpoint.setdefault(r["checkpoint"], []).append(r)
     table, detector = read_metadata(metadata), ShapesDetector()
     header = ["checkpoint", "images", "objects drawn - named: <= -1", "0", "+1", ">= +2",
-              "named object: colour found", "colour + shape found", "shaped reward", "strict", "partial"]  # fmt: skip
+              "named object: colour found", "colour + shape found", "shape given colour", "shaped reward", "strict",
+              "partial"]  # fmt: skip
     rows = [[name, len(rs)] + [f"{v:.3f}" for v in diagnose(rs, table, detector).values()]
             for name, rs in sorted(by_checkpoint.items(), key=lambda kv: (kv[0] != "pretrained", kv[0]))]  # fmt: skip
     return markdown_table(header, rows)
@@ -90,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         table, "",
         "Objects drawn - named: share of images with that many more (or fewer) coloured components than the "
         "prompt names. Named object: share of the prompt's objects for which a component of its colour (and "
-        "shape) exists. Shaped reward: `shapes/reward.py` (training-only), for comparison.", "",
+        "shape) exists. Shape given colour: for named objects whose colour appears as exactly one component, the "
+        "share drawn in the named shape (binding of colour to shape; about 1/3 by chance). Shaped reward: "
+        "`shapes/reward.py` (training-only), for comparison.", "",
     ])  # fmt: skip
     Path(args.out).write_text(text, encoding="utf-8")
     print(text)

@@ -42,6 +42,7 @@ class SftConfig:
     checkpoint_every: int = 50
     keep_last: int = 3
     ema_decay: float | None = None  # e.g. 0.999: keep an EMA of the weights, saved as step_N/ema (a `select` candidate)
+    caption_dropout: float = 0.0  # share of samples trained with the empty caption (the CFG branch), e.g. 0.1
     seed: int = 0
     tensorboard: bool = False
     wandb: bool = False
@@ -54,6 +55,8 @@ class SftConfig:
         for name in ("steps", "micro_batch_samples", "micro_batches_per_step", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"{where}.caption_dropout: must be in [0, 1), got {self.caption_dropout}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"{where}.ema_decay: must be in (0, 1), got {self.ema_decay}")
         self.learner.validate(f"{where}.learner")
@@ -71,6 +74,16 @@ def sample_order(num_items: int, seed: int, position: int, count: int) -> list[i
         perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         out.extend(perm[offset : offset + count - len(out)].tolist())
     return out
+
+
+def dropped_captions(seed: int, position: int, count: int, rate: float) -> list[bool]:
+    """Whether samples `position .. position+count` of the stream train unconditionally (empty caption).
+    Each sample's draw depends only on its stream position, so a resumed run drops the same samples."""
+    if rate <= 0:
+        return [False] * count
+    draws = [torch.rand(1, generator=torch.Generator().manual_seed(seed * 1_000_003 + 7_919 + p)) for p in
+             range(position, position + count)]  # fmt: skip
+    return [bool(d < rate) for d in draws]
 
 
 def ema_update(ema: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], decay: float) -> None:
@@ -123,15 +136,19 @@ def run_sft(cfg: SftConfig) -> Path:
     logger.truncate_after(state.step)
     size = (cfg.data.image_size, cfg.data.image_size)
 
-    def loss_fn(model, idx: list[int]):
-        batch = build_prompt_batch(bundle.tokenizer, bundle.ids, [captions[i] for i in idx], size, False)
+    def loss_fn(model, items: list[tuple[int, bool]]):
+        idx = [i for i, _ in items]
+        texts = ["" if drop else captions[i] for i, drop in items]  # "": the unconditional caption of CFG
+        batch = build_prompt_batch(bundle.tokenizer, bundle.ids, texts, size, False)
         out = sft_loss(model, batch, bundle.ids, tokens[idx])
         return out.loss, {"sft/text_ce": float(out.text_ce), "sft/flow_matching": float(out.flow_matching)}
 
     progress = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps, desc="sft")
     for _ in progress:
         order = sample_order(len(captions), cfg.seed, state.consumed_prompts, cfg.samples_per_step)
-        micro = [order[i : i + cfg.micro_batch_samples] for i in range(0, len(order), cfg.micro_batch_samples)]
+        drops = dropped_captions(cfg.seed, state.consumed_prompts, cfg.samples_per_step, cfg.caption_dropout)
+        items = list(zip(order, drops))
+        micro = [items[i : i + cfg.micro_batch_samples] for i in range(0, len(items), cfg.micro_batch_samples)]
         updates_before = learner.step_count
         metrics = learner.step(micro, loss_fn)
         if ema is not None and learner.step_count > updates_before:  # a skipped step leaves the EMA alone

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from alignment.cli import main
-from alignment.jobs.sft import SftConfig, SftDataConfig, run_sft, sample_order
+from alignment.jobs.sft import SftConfig, SftDataConfig, dropped_captions, run_sft, sample_order
 from alignment.learner import LearnerConfig
 from alignment.sft_data import expand_braces, load_pairs
 from base_model.checkpoint import build_random, load_checkpoint
@@ -64,10 +64,11 @@ def shards(tmp_path):
     return tmp_path / "shards" / "shard-{000000..000001}.tar"
 
 
-def _cfg(tmp_path, data, name, steps):
+def _cfg(tmp_path, data, name, steps, caption_dropout=0.0):
     return SftConfig(
         run_name=name, runs_root=str(tmp_path / "runs"), data=SftDataConfig(path=str(data)), steps=steps,
         micro_batch_samples=2, checkpoint_every=2, keep_last=2, learner=LearnerConfig(lr=1e-3, zero_stage=2),
+        caption_dropout=caption_dropout,
     )  # fmt: skip
 
 
@@ -89,6 +90,25 @@ def test_sft_resume_equals_a_straight_run(tmp_path, request, input_format):
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(r)["step"] for r in (partial / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_dropped_captions_depend_only_on_the_stream_position():
+    assert dropped_captions(0, 0, 5, rate=0.0) == [False] * 5
+    whole = dropped_captions(3, 10, 8, rate=0.5)
+    assert dropped_captions(3, 10, 3, 0.5) + dropped_captions(3, 13, 5, 0.5) == whole  # any step split
+    assert dropped_captions(4, 10, 8, 0.5) != whole  # another seed, other draws
+    share = sum(dropped_captions(0, 0, 4000, rate=0.1)) / 4000
+    assert 0.08 < share < 0.12
+
+
+def test_caption_dropout_trains_differently_and_resumes_exactly(tmp_path, data):
+    plain = run_sft(_cfg(tmp_path, data, "plain", 4))
+    straight = run_sft(_cfg(tmp_path, data, "straight", 4, caption_dropout=0.5))
+    run_sft(_cfg(tmp_path, data, "resumed", 2, caption_dropout=0.5))
+    resumed = run_sft(_cfg(tmp_path, data, "resumed", 4, caption_dropout=0.5))
+    a, b, c = (load_checkpoint(r / "step_000004" / "model").model.state_dict() for r in (straight, resumed, plain))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_bad_config_and_missing_data_exit_2(tmp_path, capsys):

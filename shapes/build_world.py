@@ -62,7 +62,7 @@ class WorldEvalConfig:
     """Held-out evaluation of the pre-trained model: eval prompts x seeds, rule reward."""
 
     seeds_per_prompt: int = 2
-    cfg_scale: float = 1.0  # the SFT job trains no unconditional branch
+    cfg_scale: float = 3.0  # pre-training drops 10% of captions: the unconditional branch CFG needs
     num_head_steps: int = 25
     batch_size: int = 32
     grid_prompts: int = 16  # rows of the sample grid (4 seeds each)

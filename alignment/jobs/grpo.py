@@ -104,6 +104,11 @@ class GrpoConfig:
             raise ConfigError(f"{where}.beta: must be >= 0, got {self.beta}")
         if self.advantage_scale not in ("group", "batch", "none"):
             raise ConfigError(f"{where}.advantage_scale: 'group', 'batch' or 'none', got {self.advantage_scale!r}")
+        if self.sampling.uses_cfg and not self.train_with_cfg:
+            raise ConfigError(
+                f"{where}.train_with_cfg: sampling.cfg_scale={self.sampling.cfg_scale} samples the guided policy, so "
+                "its log-probs must be re-scored with both branches; set train_with_cfg: true (or cfg_scale: 1.0)"
+            )
         if not 0.0 < self.timestep_fraction <= 1.0:
             raise ConfigError(f"{where}.timestep_fraction: must be in (0, 1], got {self.timestep_fraction}")
         if self.rollout.dtype not in ("float32", "bfloat16"):

@@ -119,6 +119,7 @@ def test_update_trains_the_prefix_on_soft_values_and_the_suffix_on_rewards():
     [
         (["stepz=3"], "unknown key 'stepz'"),
         (["sampling.sde_kind=ode"], "sampling.sde_kind"),
+        (["sampling.cfg_scale=3.0"], "train_with_cfg: sampling.cfg_scale=3.0 samples the guided policy"),
         (["micro_batch_samples=3"], "micro_batch_samples: 3 does not split"),
         (["beta=high"], "beta: expected a number"),
         (["train_part.kind=step_prefix", "train_part.prefix=9"], "train_part.prefix"),

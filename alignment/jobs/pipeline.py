@@ -4,7 +4,7 @@ The quickstart is one (configs/quickstart/pipeline.yaml): shapes-world data -> p
 the rule reward on Ray -> Diffusion-DPO -> a short prefix GRPO -> evaluation of base / DPO / GRPO on
 held-out prompts -> checkpoint selection -> the dashboard, then a table of every checkpoint against the
 baseline (paired 95% CIs) and the paths of the dashboard and the selection report. bench/e2e.py runs a
-longer one (configs/e2e/shapes.yaml) for the proof table.
+longer one (configs/e2e/pipeline.yaml) for the proof table.
 
 Every stage config is loaded and validated (unknown key, wrong type) before the first stage starts.
 Each stage runs as its own process (`python -m alignment.cli JOB CONFIG OVERRIDES...`), so a stage

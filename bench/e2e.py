@@ -29,8 +29,8 @@ from dashboard.markdown import markdown_table  # noqa: E402
 METHODS = {
     "pretrained": ("pre-trained on noisy captions (shapes/assets/pretrained)", []),
     "sft_selected": ("SFT on clean captions, checkpoint chosen by `nsalign select`", ["sft", "select_sft"]),
-    "dpo": ("Diffusion-DPO on rule-reward pairs (build-prefs on Ray + dpo)", ["prefs", "dpo"]),
-    "grpo_full": ("GRPO, every (token, head step) cell trained", ["grpo_full"]),
+    "dpo": ("Diffusion-DPO + winners' flow-matching loss on shaped-reward pairs (build-prefs on Ray + dpo)", ["prefs", "dpo"]),
+    "grpo_full": ("GRPO on the shaped reward, every (token, head step) cell trained", ["grpo_full"]),
     "grpo_token_prefix": ("prefix GRPO: first 8 of 16 image tokens, 3:1 prefix/suffix", ["grpo_token_prefix"]),
     "grpo_step_prefix": ("prefix GRPO: first 4 of 10 head steps, 3:1 prefix/suffix", ["grpo_step_prefix"]),
 }

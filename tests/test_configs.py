@@ -42,3 +42,23 @@ def test_config_loads(path, monkeypatch):
     assert job in SCHEMAS, f"no schema registered for configs/{job}/ in tests/test_configs.py"
     module, name = SCHEMAS[job].split(":")
     load_config(getattr(importlib.import_module(module), name), path)
+
+
+def test_exponent_without_a_dot_is_a_number_and_words_are_not(tmp_path):
+    # YAML 1.1 reads `1e-5` as the string "1e-5"; a float field takes it as 1e-5, in a file or an override.
+    from dataclasses import dataclass
+
+    from base_model.errors import ConfigError
+
+    @dataclass
+    class Cfg:
+        lr: float = 1.0
+
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-5\n")
+    assert load_config(Cfg, path).lr == 1e-5
+    assert load_config(Cfg, path, ["lr=-2E3"]).lr == -2000.0
+    assert load_config(Cfg, path, ["lr=.5"]).lr == 0.5
+    for bad in ("high", "1e", "e5", "1e-5x", "nan"):
+        with pytest.raises(ConfigError, match="lr: expected a number"):
+            load_config(Cfg, path, [f"lr={bad}"])

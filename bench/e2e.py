@@ -89,7 +89,7 @@ def main() -> int:
         "of the paired 95% CI is above zero.", "",
     ])  # fmt: skip
     if args.replicate_seed:
-        text += replication(cfg, args.replicate_seed, args.replicate_samples)
+        text += confirmation(cfg, args.replicate_seed, args.replicate_samples)
     Path(args.out).write_text(text, encoding="utf-8")
     print("\n" + text)
     from e2e_diagnose import main as diagnose  # bench/ is on sys.path when run as a script
@@ -97,14 +97,14 @@ def main() -> int:
     return diagnose(["--eval", cfg.report.eval_dir, "--metadata", str(Path(cfg.world.out) / "data" / "metadata.jsonl")])
 
 
-def replication(cfg: PipelineConfig, seed: int, samples: int) -> str:
+def confirmation(cfg: PipelineConfig, seed: int, samples: int) -> str:
     """Re-run the pipeline's evaluate stage with another sample seed (resumable) -> its comparison table."""
     stage = next(s for s in cfg.stages if s.job == "evaluate")
     out_dir = f"{cfg.report.eval_dir}_confirm"
     cmd = [sys.executable, "-m", "alignment.cli", "evaluate", stage.config, *stage.overrides, f"out_dir={out_dir}",
            f"seed={seed}", f"samples_per_prompt={samples}"]  # fmt: skip
     if subprocess.call(cmd, cwd=ROOT) != 0:
-        return f"\nReplication on seed {seed} failed: `{' '.join(cmd[1:])}`.\n"
+        return f"\nConfirmation on seed {seed} failed: `{' '.join(cmd[1:])}`.\n"
     table, _ = comparison_table(dataclasses.replace(cfg.report, eval_dir=out_dir, out=""))
     return "\n".join([
         f"## Confirmation: the same checkpoints on {samples} fresh seeds per prompt (seed {seed}, `{out_dir}`)",

@@ -32,7 +32,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"
 from dashboard.markdown import markdown_table  # noqa: E402
 
 CONFIG = ROOT / "configs" / "prefs" / "tiny.yaml"
-PROMPT_FILE = ROOT.parent / "shared" / "prompts" / "pickscore_train.txt"
+PROMPT_FILE = ROOT / "prompts" / "pickscore_train.txt"
 
 
 def build(out: Path, overrides: list[str]) -> dict:

@@ -29,7 +29,7 @@ from base_model.errors import ConfigError, UserError
 from rewards.base import RequiredFile, RewardOutput, check_inputs
 from rewards.common import require_file
 
-SOURCE = "../shared/prompts/geneval_metadata.jsonl (github djghosh13/geneval, prompts/evaluation_metadata.jsonl)"
+SOURCE = "prompts/geneval_metadata.jsonl (github djghosh13/geneval, prompts/evaluation_metadata.jsonl)"
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from rollout.prefs_format import DATA_DIR, MANIFEST, pairs_schema, png_bytes, sh
 
 @dataclass
 class PromptSourceConfig:
-    path: str = "../shared/prompts/pickscore_train.txt"
+    path: str = "prompts/pickscore_train.txt"
     field: str = "prompt"  # jsonl / json / tsv / parquet column
     limit: int | None = 20000  # first `limit` unique prompts (None: all)
 

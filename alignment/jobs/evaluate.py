@@ -42,7 +42,7 @@ class EvalSettings:
     """What every checkpoint is evaluated on; identical for all of them (paired comparisons)."""
 
     prompts: PromptSourceConfig = field(
-        default_factory=lambda: PromptSourceConfig(path="../shared/prompts/pickscore_test.txt", limit=200)
+        default_factory=lambda: PromptSourceConfig(path="prompts/pickscore_test.txt", limit=200)
     )
     samples_per_prompt: int = 4
     prompts_per_shard: int = 16

@@ -38,6 +38,7 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # about 2-6 minutes each on 2 cores: CI runs them with `-m slow`, the default suite does not
 @pytest.mark.deepspeed
 @pytest.mark.parametrize("direction", ["compressibility", "incompressibility"])
 def test_grpo_follows_the_jpeg_reward_in_either_direction(tmp_path, direction):

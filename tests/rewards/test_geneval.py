@@ -20,7 +20,7 @@ from rewards.geneval import (
 )
 from tests.rewards.helpers import random_images
 
-METADATA = Path(__file__).resolve().parents[3] / "shared" / "prompts" / "geneval_metadata.jsonl"
+METADATA = Path(__file__).resolve().parents[2] / "prompts" / "geneval_metadata.jsonl"  # shipped in the repository
 
 
 def det(label, x0, y0, x1, y1, score=0.95, color=None):

@@ -9,7 +9,7 @@ import pytest
 from base_model.errors import UserError
 from rollout.prompts import load_prompts, prompt_id, shard
 
-SHARED = __import__("pathlib").Path(__file__).resolve().parents[3] / "shared" / "prompts"
+PROMPTS = __import__("pathlib").Path(__file__).resolve().parents[2] / "prompts"  # shipped in the repository
 
 
 def test_txt_dedup_and_stable_ids(tmp_path):
@@ -69,10 +69,9 @@ def test_shards_are_disjoint_and_complete(tmp_path):
     assert sum(len(p) for p in parts) == 10
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="shared prompt sets not beside the checkout")
-def test_shared_prompt_sets_load():
-    assert len(load_prompts(SHARED / "pickscore_train.txt", limit=20000)) == 20000
-    gen = load_prompts(SHARED / "geneval_metadata.jsonl")
+def test_shipped_prompt_sets_load():
+    assert len(load_prompts(PROMPTS / "pickscore_train.txt", limit=20000)) == 20000
+    gen = load_prompts(PROMPTS / "geneval_metadata.jsonl")
     assert len(gen) == 553 and "include" in gen[0].metadata
-    assert len(load_prompts(SHARED / "imagereward_benchmark.json")) == 100
-    assert len(load_prompts(SHARED / "ocr_test.txt")) > 1000
+    assert len(load_prompts(PROMPTS / "imagereward_benchmark.json")) == 100
+    assert len(load_prompts(PROMPTS / "ocr_test.txt")) > 1000

@@ -29,7 +29,10 @@ class TrainPartConfig:
     window_start: int = 0  # step_window: first trained head step ...
     window: int = 0  # ... and how many (MixGRPO)
     window_slide_every: int = 0  # step_window: move the window one head step every N GRPO steps (0: fixed)
-    alpha: float = 0.7  # NextFlow's per-step weight 1 / n_t^alpha (0.6-0.9); n_t = trained cells of token t
+    # NextFlow's per-step weight k_t = 1 / n_t^alpha, n_t = trained head steps of token t: a token counts
+    # n_t^(1 - alpha) times its mean cell loss. 1: the mean over trained cells (Flow-GRPO); NextFlow 0.6-0.9
+    # weights updates that train more head steps per token more (e.g. a suffix phase over a step prefix).
+    alpha: float = 1.0
     alternate: bool = False  # arXiv 2601.02256: `prefix_updates` prefix steps, then `suffix_updates` on the rest
     prefix_updates: int = 3
     suffix_updates: int = 1

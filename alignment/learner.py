@@ -10,13 +10,29 @@ share of the data; gradients are averaged by DeepSpeed and the returned metrics 
 Optional LoRA (`learner.lora`, through peft): adapters are injected into the model in place, only
 they train, `policy_weights()` returns the plain model's keys with the adapters merged in, and the
 frozen reference (`reference()`) is the same model with the adapters disabled.
+
+Network: a lone process (no launcher) opens no port reachable from outside. `init_distributed` sets up
+its world-size-1 group through an in-memory `HashStore` (env:// would start a TCPStore on MASTER_PORT,
+listening on every interface) and puts the backend's own sockets (gloo's listener, NCCL's bootstrap) on
+the loopback interface. Under a launcher (torchrun, deepspeed) DeepSpeed initialises env:// as the
+launcher set it up: that rendezvous listens on the network by design (torch's and the cluster's concern).
+
+Trust: the engine state a resume reads (`step_N/engine/`, torch pickles written by DeepSpeed) is data
+that may come from elsewhere, and loading it runs no code: DeepSpeed's checkpoint engine is replaced by
+one loading with weights_only=True (tensors, plain containers and the three DeepSpeed types of
+`deepspeed_safe_globals`); anything else stops the resume with one line. The client state we store
+with it is two ints.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
+import pickle
+import re
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -25,7 +41,7 @@ from typing import Any, Literal
 
 import torch
 
-from base_model.errors import ConfigError  # also installs the torchvision shim that peft's imports need
+from base_model.errors import CheckpointError, ConfigError  # also installs the torchvision shim peft's imports need
 
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
 
@@ -76,16 +92,97 @@ class LearnerConfig:
             raise ConfigError(f"{where}.lr: must be > 0, got {self.lr}")
 
 
-def ensure_single_process_env() -> None:
-    """A lone process (no launcher) still needs the rendezvous variables torch.distributed reads."""
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        import socket
+def launched() -> bool:
+    """Whether a launcher (torchrun, the deepspeed launcher) started this process: it sets MASTER_ADDR and
+    MASTER_PORT, the rendezvous env:// reads. A lone process sets neither (ensure_single_process_env)."""
+    return "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+def ensure_single_process_env() -> None:
+    """A lone process (no launcher): the rank variables jobs and DeepSpeed read. No MASTER_ADDR/MASTER_PORT:
+    its process group meets in memory (init_distributed), not over TCP."""
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+        os.environ.setdefault(key, value)
+
+
+def loopback_interface() -> str:
+    """The name of the loopback network interface ("lo" on Linux)."""
+    names = [name for _, name in socket.if_nameindex()]
+    return next((n for n in ("lo", "lo0") if n in names), "lo")
+
+
+def init_distributed() -> None:
+    """torch.distributed, before deepspeed.initialize: DeepSpeed's comm layer then reuses this group
+    (deepspeed.comm.init_distributed: `cdb is None and torch.distributed.is_initialized()` wraps it as is).
+
+    A lone process gets a world-size-1 group on DeepSpeed's backend for this machine (gloo on CPUs, nccl on
+    CUDA) whose store is an in-memory HashStore: no TCPStore, so no port on any interface. The backends'
+    own sockets are pinned to the loopback interface (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME; set for the
+    process's lifetime, since every later group reads them: a lone process has no peer to reach). Under a
+    launcher nothing happens here: DeepSpeed initialises env:// as the launcher set it up."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() or launched():
+        return
+    ensure_single_process_env()
+    if (os.environ["WORLD_SIZE"], os.environ["RANK"]) != ("1", "0"):
+        raise ConfigError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} RANK={os.environ['RANK']} without MASTER_ADDR/MASTER_PORT: "
+            "start multi-process jobs with torchrun or the deepspeed launcher"
+        )
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.constants import default_pg_timeout
+
+    loopback = loopback_interface()
+    os.environ["GLOO_SOCKET_IFNAME"] = loopback
+    os.environ["NCCL_SOCKET_IFNAME"] = loopback
+    backend = get_accelerator().communication_backend_name()
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=default_pg_timeout)
+
+
+def deepspeed_safe_globals() -> list[type]:
+    """The only types beyond tensors and plain containers in DeepSpeed's checkpoint files, as this learner
+    configures it (found with torch.serialization.get_unsafe_globals_in_checkpoint over ZeRO 0-3, bf16 on and
+    off, with and without LoRA, DeepSpeed 0.19): ZeRO's optimizer state holds its loss scaler (a plain object
+    whose attributes are restored; none of its methods runs), the ZeRO stage (an int enum) and, at stages 1-2,
+    fragment addresses (a dataclass of two ints). Stage 0 files hold none of them."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path: str, map_location: Any = None) -> Any:
+    """torch.load with weights_only=True and `deepspeed_safe_globals`; a file holding anything else (a crafted
+    pickle names e.g. `builtins.open` or `os.system`) or an unreadable one is a one-line CheckpointError, and
+    nothing of it runs."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message spans lines; keep what it refused
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+        what = f"it holds `{found.group(1)}`" if found else detail.group(1).strip() if detail else "not plain data"
+        raise CheckpointError(
+            f"{path}: not loaded: {what} (DeepSpeed state is tensors and plain data; nothing else is unpickled, "
+            "since a pickle can run code)"
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        first = (str(e) or repr(e)).splitlines()[0]
+        raise CheckpointError(f"{path}: unreadable DeepSpeed state ({first})") from None
+
+
+@functools.cache
+def weights_only_checkpoint_engine() -> type:
+    """DeepSpeed's torch checkpoint engine, loading through `load_weights_only` (saving unchanged)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return load_weights_only(path, map_location)
+
+    return WeightsOnlyCheckpointEngine
 
 
 def lr_lambda(cfg: LearnerConfig) -> Callable[[int], float]:
@@ -169,7 +266,7 @@ class Learner:
         """reference=True keeps a frozen copy of the starting model for `reference()` (LoRA needs none)."""
         import deepspeed
 
-        ensure_single_process_env()
+        init_distributed()
         self.cfg = cfg
         self._reference = None
         if reference and cfg.lora is None:
@@ -197,6 +294,7 @@ class Learner:
         }
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+        self._load_weights_only()
         self.lr_factor = lr_lambda(cfg)  # applied by hand: ZeRO's optimizer wrapper is no torch Optimizer
         self.step_count = 0
         self.nonfinite_in_a_row = 0
@@ -327,12 +425,32 @@ class Learner:
         and checkpoints. Collective under ZeRO-3: every rank calls it; rank0_only leaves the others' dict empty."""
         return merged_state_dict(self.engine.module, keep=not rank0_only or self.rank == 0)
 
+    def _load_weights_only(self) -> None:
+        """Every file engine.load_checkpoint reads goes through the engine's checkpoint engine (model states
+        through SDLoader, ZeRO partitions, optimizer states; DeepSpeed's other torch.load calls serve
+        universal checkpoints and MoE, which this learner never configures): make it load weights-only."""
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+        current = self.engine.checkpoint_engine
+        if type(current) is not TorchCheckpointEngine:
+            raise RuntimeError(f"DeepSpeed chose checkpoint engine {type(current).__name__}; expected its torch engine")
+        self.engine.checkpoint_engine = weights_only_checkpoint_engine()(self.engine._config)
+
     def save_state(self, directory: Path) -> None:
-        """Engine (optimizer, ZeRO partitions) + step counters into directory/engine."""
-        client = {"step_count": self.step_count, "num_skipped": self.num_skipped}
+        """Engine (optimizer, ZeRO partitions) + step counters into directory/engine. The client state
+        stays two plain ints: loading it back needs nothing beyond weights_only."""
+        client = {"step_count": int(self.step_count), "num_skipped": int(self.num_skipped)}
         self.engine.save_checkpoint(str(directory / "engine"), tag="state", client_state=client)
 
     def load_state(self, directory: Path) -> None:
-        _, client = self.engine.load_checkpoint(str(directory / "engine"), tag="state")
-        self.step_count = client["step_count"]
-        self.num_skipped = client["num_skipped"]
+        """Engine state and step counters from directory/engine, loaded weights-only (see `_load_weights_only`);
+        a missing, unreadable or tampered state is a one-line CheckpointError."""
+        engine_dir = directory / "engine"
+        if not (engine_dir / "state").is_dir():
+            raise CheckpointError(f"{engine_dir / 'state'}: no DeepSpeed state in this checkpoint")
+        _, client = self.engine.load_checkpoint(str(engine_dir), tag="state")
+        counters = {k: (client or {}).get(k) for k in ("step_count", "num_skipped")}
+        if not all(type(v) is int and v >= 0 for v in counters.values()):
+            raise CheckpointError(f"{engine_dir}: step counters missing or not integers ({counters})")
+        self.step_count = counters["step_count"]
+        self.num_skipped = counters["num_skipped"]

@@ -59,20 +59,28 @@ def diffusion_dpo_loss(
 # GRPO (Flow-GRPO, arXiv 2505.05470, adapted to NextStep's head SDE).
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, clip: float = 5.0, scale: str = "group") -> torch.Tensor:
+AdvantageScale = Literal["group", "global_std", "batch", "none"]
+
+
+def group_advantages(
+    rewards: torch.Tensor, eps: float = 1e-4, clip: float = 5.0, scale: AdvantageScale = "group"
+) -> torch.Tensor:
     """rewards [P, G] -> advantages [P, G] = (r - mean_group) / (std + eps), clipped to [-clip, clip].
 
-    scale "group": std of each group (GRPO); "batch": one std over every centred reward of the batch, so a
-    group whose rewards barely differ keeps small advantages instead of being blown up to unit scale
-    (flow_grpo's global std, in the spirit of Dr. GRPO); "none": centred rewards only.
+    scale "group": std of each group (GRPO); "global_std": the std of every raw reward of the batch,
+    exactly flow_grpo's `global_std` (its PerPromptStatTracker), so a group whose rewards barely differ
+    keeps small advantages; "batch": the RMS of the within-group-centred rewards (between-group spread
+    left out, so it is never larger than global_std); "none": centred rewards only.
     """
     centred = rewards - rewards.mean(dim=1, keepdim=True)  # [P, G]
     if scale == "group":
         centred = centred / (rewards.std(dim=1, keepdim=True, unbiased=False) + eps)  # std [P, 1]
+    elif scale == "global_std":
+        centred = centred / (rewards.std(unbiased=False) + eps)  # std []
     elif scale == "batch":
-        centred = centred / (centred.pow(2).mean().sqrt() + eps)  # std []
+        centred = centred / (centred.pow(2).mean().sqrt() + eps)  # RMS []
     elif scale != "none":
-        raise ValueError(f"advantage scale must be 'group', 'batch' or 'none', got {scale!r}")
+        raise ValueError(f"advantage scale must be 'group', 'global_std', 'batch' or 'none', got {scale!r}")
     return centred.clamp(-clip, clip)
 
 
@@ -88,7 +96,7 @@ def keep_groups(rewards: torch.Tensor, min_std: float, max_mean: float | None) -
 class GrpoOutput:
     loss: torch.Tensor  # []
     policy_loss: torch.Tensor  # []
-    kl: torch.Tensor  # [] weighted mean KL to the reference (0 without a reference)
+    kl: torch.Tensor  # [] KL to the reference, weighted and normalised as the loss (0 without a reference)
     clip_frac: torch.Tensor  # [] share of trained cells whose ratio left [1-eps, 1+eps]
     approx_kl: torch.Tensor  # [] mean of (ratio - 1) - log ratio (k3 estimator, old vs new)
 
@@ -106,20 +114,28 @@ def grpo_loss(
 
     log_probs, old_log_probs [B, T, K]; advantages [B]; weights [T, K] or [B, T, K] (0 = not trained,
     per-cell weights otherwise); kl [B, T, K] Gaussian KL to the reference, added as beta * KL.
-    loss = sum_w( -min(rho A, clip(rho, 1-eps, 1+eps) A) + beta KL ) / sum(w).
+    One generation step is one image token of one sample (a row (b, t)); its cells are summed with their
+    weights and the loss is the mean over trained rows (NextFlow: each step's loss weighted by k_t):
+    loss = sum_{b,t,k} w ( -min(rho A, clip(rho, 1-eps, 1+eps) A) + beta KL ) / #{(b, t) with a trained cell}.
+    With w = 1/n_t (`step_weights`, alpha 1) this is the mean over trained cells (Flow-GRPO).
+    Untrained cells never reach the loss, even when their KL is not finite. Metrics are plain shares.
     """
-    w = weights.expand_as(log_probs).to(log_probs.dtype)
-    denom = w.sum().clamp_min(1e-12)
+    w = weights.expand_as(log_probs).to(log_probs.dtype)  # [B, T, K]
+    trained = w > 0
+    rows = trained.any(dim=-1).sum().clamp_min(1)  # [] trained generation steps
     log_ratio = log_probs - old_log_probs
     ratio = torch.exp(log_ratio)
     adv = advantages[:, None, None]
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-    policy_loss = -(w * surrogate).sum() / denom
-    kl_term = (w * kl).sum() / denom if kl is not None else log_probs.new_zeros(())
+    zeros = torch.zeros_like(w)
+    policy_loss = -torch.where(trained, w * surrogate, zeros).sum() / rows
+    kl_term = log_probs.new_zeros(())
+    if kl is not None:
+        kl_term = torch.where(trained, w * kl.expand_as(w), zeros).sum() / rows
     with torch.no_grad():
-        clipped = ((ratio - 1).abs() > clip_eps).to(w.dtype)
-        clip_frac = (w * clipped).sum() / denom
-        approx_kl = (w * ((ratio - 1) - log_ratio)).sum() / denom
+        cells = trained.sum().clamp_min(1)
+        clip_frac = (trained & ((ratio - 1).abs() > clip_eps)).sum() / cells
+        approx_kl = torch.where(trained, (ratio - 1) - log_ratio, zeros).sum() / cells
     return GrpoOutput(
         loss=policy_loss + beta * kl_term, policy_loss=policy_loss.detach(), kl=kl_term.detach(),
         clip_frac=clip_frac, approx_kl=approx_kl,
@@ -160,7 +176,9 @@ def step_weights(mask: torch.Tensor, alpha: float) -> torch.Tensor:
     """NextFlow's k_t = 1 / n_t^alpha per generation step t, n_t = cells trained at that step.
 
     In raster order one generation step is one image token, so n_t is the number of trained head
-    steps of token t. mask [T, K] bool -> weights [T, K] (0 where untrained).
+    steps of token t. mask [T, K] bool -> weights [T, K] (0 where untrained). `grpo_loss` sums a
+    token's weighted cells and averages over tokens, so a token contributes n_t^(1 - alpha) times its
+    mean cell loss: alpha 1 is the plain mean over cells, alpha 0 the sum over its head steps.
     """
     n = mask.sum(dim=1, keepdim=True).clamp_min(1).float()  # [T, 1]
     return mask.float() / n**alpha

@@ -30,11 +30,15 @@ if TYPE_CHECKING:
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 CAPTION_EXTS = ("txt", "json")
+# Decoded-size caps, checked from the header before any pixel is decoded: 32 MiPixels (e.g. 8192 x 4096,
+# ~100 MB as RGB) is far above any SFT image we crop down to 64..1024 px, and far below a PNG bomb.
+MAX_IMAGE_PIXELS = 32 * 2**20
+MAX_MEMBER_BYTES = 256 * 2**20  # one file inside a tar shard
 
 
 def load_pairs(cfg: SftDataConfig) -> tuple[list[str], torch.Tensor]:
     """Captions [N] and images uint8 [N, 3, S, S] (centre crop + resize)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     records = read_tar_records(cfg) if is_webdataset(cfg.path) else read_parquet_records(cfg)
     captions, images = [], []
@@ -42,12 +46,32 @@ def load_pairs(cfg: SftDataConfig) -> tuple[list[str], torch.Tensor]:
         if not isinstance(caption, str) or not caption.strip():
             raise UserError(f"{where}: empty caption")
         try:
-            img = Image.open(io.BytesIO(raw)).convert("RGB")
-        except (UnidentifiedImageError, TypeError, OSError):
+            img = decode_image(raw, where)
+        except (UnidentifiedImageError, TypeError, OSError, ValueError, SyntaxError, EOFError):
             raise UserError(f"{where}: image bytes are not a readable image") from None
         captions.append(caption)
         images.append(center_square(img, cfg.image_size))
     return captions, torch.stack(images)
+
+
+def decode_image(raw: bytes, where: str):
+    """Image bytes -> RGB PIL image, refusing (UserError naming `where`) an image whose header declares
+    more than MAX_IMAGE_PIXELS; PIL's own decompression-bomb warning counts as an error too."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw))  # reads the header only
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise UserError(f"{where}: image of {w}x{h} pixels is over the cap of {MAX_IMAGE_PIXELS} pixels "
+                                "(a decompression bomb?)")  # fmt: skip
+            return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UserError(f"{where}: refused as a decompression bomb ({e})") from None
 
 
 def is_webdataset(path: str) -> bool:
@@ -56,15 +80,12 @@ def is_webdataset(path: str) -> bool:
 
 def read_parquet_records(cfg: SftDataConfig) -> list[tuple[str, object, object]]:
     """(where, caption, image bytes) per row of a Parquet file."""
-    import pyarrow.parquet as pq
+    from rollout.tables import read_columns
 
     path = Path(cfg.path)
     if not path.is_file():
         raise UserError(f"SFT data not found: {path}")
-    try:
-        table = pq.read_table(path, columns=[cfg.caption_field, cfg.image_field])
-    except Exception as e:  # pyarrow: missing columns or unreadable file
-        raise UserError(f"{path}: cannot read columns {cfg.caption_field!r}, {cfg.image_field!r} ({e})") from None
+    table = read_columns(path, {cfg.caption_field: "string", cfg.image_field: "binary"}, "SFT data")
     captions = table.column(cfg.caption_field).to_pylist()
     if not captions:
         raise UserError(f"{path}: no rows")
@@ -87,6 +108,9 @@ def read_tar_records(cfg: SftDataConfig) -> list[tuple[str, object, bytes]]:
                     if not dot or name.startswith("."):
                         continue
                     key = f"{folder}/{stem}" if folder else stem
+                    if member.size > MAX_MEMBER_BYTES:
+                        raise UserError(f"{shard}: sample {key!r}: {name} is {member.size} bytes, over the cap "
+                                        f"of {MAX_MEMBER_BYTES}")  # fmt: skip
                     samples.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
         except (tarfile.TarError, OSError) as e:
             raise UserError(f"{shard}: not a readable tar file ({e})") from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,13 +24,14 @@ import torch
 
 from base_model.config import NextStepConfig, preset_config
 from base_model.errors import CheckpointError, check_state_dict
-from base_model.model import NextStepModel
+from base_model.model import NextStepModel, gen_pos_embed_table
 from base_model.tokenizer import SpecialIds, build_tiny_tokenizer, load_tokenizer, special_ids
 from base_model.vae import NextStepVAE, load_vae, save_vae, vae_preset
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-IGNORED_KEYS = ("gen_pos_embed",)  # present in some published checkpoints; unused by the model
+# NextStep-1's model always holds this buffer; it is read only when config.use_gen_pos_embed
+GEN_POS_KEY = "gen_pos_embed"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
@@ -99,7 +101,7 @@ def save_checkpoint(
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
         bundle.tokenizer.save_pretrained(str(tmp))
         save_vae(bundle.vae, tmp / "vae")
-        _replace_dir(tmp, directory)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -118,7 +120,14 @@ def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[s
     return shards + [current] if current else shards
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+# what an interrupted write leaves next to its target: save_checkpoint's `.NAME.tmp-XXXXXXXX`, replace_dir's
+# `.NAME.old-PID` (alignment.runs stages checkpoints as `.step_N.tmp-staging`, atomic files as `.NAME.tmp-PID`)
+PARTIAL_WRITE = re.compile(r"^\.[^/]+\.(tmp|old)-\w+$")
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename the fully written directory `src` to `dst`, replacing an existing `dst` (moved aside first:
+    a directory cannot be renamed over a non-empty one)."""
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         os.replace(dst, old)
@@ -126,6 +135,18 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
+
+
+def remove_partial_writes(parent: Path) -> list[str]:
+    """Delete what interrupted writes left in `parent` (names matching PARTIAL_WRITE, nothing else); returns
+    the names. Only while no other process writes there (alignment.runs calls it under the run's lock)."""
+    found = sorted(p for p in parent.iterdir() if PARTIAL_WRITE.match(p.name)) if parent.is_dir() else []
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return [p.name for p in found]
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -194,12 +215,26 @@ def load_checkpoint(
     with torch.device("meta"):
         model = NextStepModel(config)
     state = read_state_dict(directory, dtype)
-    state = {k: v for k, v in state.items() if not k.startswith(IGNORED_KEYS)}
+    state = with_gen_pos_embed(state, config, dtype)
     check_state_dict(directory, state, model.state_dict())
     model.load_state_dict(state, strict=True, assign=True)
     model.place(device=device, dtype=dtype)  # also rebuilds the non-persistent RoPE buffer off meta
     vae = load_vae(directory / (config.vae_name_or_path or "vae"), dtype=dtype, device=device)
     return NextStepBundle(model=model.eval(), tokenizer=tokenizer, ids=ids, vae=vae.eval())
+
+
+def with_gen_pos_embed(
+    state: dict[str, torch.Tensor], config: NextStepConfig, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """The published checkpoint's `gen_pos_embed` as our model wants it: dropped when the config does not
+    use it (the published pipeline ignores it then); when it does and the weights lack it, the table
+    NextStep builds at init (its loader keeps that one too)."""
+    if not config.use_gen_pos_embed:
+        return {k: v for k, v in state.items() if k != GEN_POS_KEY}
+    if GEN_POS_KEY in state:
+        return state
+    table = gen_pos_embed_table(config.hidden_size)
+    return {**state, GEN_POS_KEY: table if dtype is None else table.to(dtype)}
 
 
 def resolve_model(spec: str, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0) -> NextStepBundle:
@@ -210,3 +245,126 @@ def resolve_model(spec: str, dtype: torch.dtype = torch.float32, device="cpu", s
         bundle.vae.to(device=device, dtype=dtype)
         return bundle
     return load_checkpoint(spec, dtype=dtype, device=device)
+
+
+# -- verifying (in the driver, before any worker loads the model) ---------------------------------
+
+# bytes per element of the safetensors dtypes (the format's names); other dtypes are not size-checked
+SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+                        "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit on the JSON header
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def tensor_entry_problem(entry: object) -> str | None:
+    """What is wrong with one safetensors header entry {dtype, shape, data_offsets}, or None."""
+    if not isinstance(entry, dict):
+        return "entry is not an object"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str):
+        return f"dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        return f"shape {shape!r}"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        return f"data_offsets {offsets!r}"
+    if offsets[0] > offsets[1]:
+        return f"data_offsets {offsets} end before they begin"
+    if dtype in SAFETENSORS_ITEMSIZE:
+        nbytes = SAFETENSORS_ITEMSIZE[dtype]
+        for d in shape:
+            nbytes *= d
+        if offsets[1] - offsets[0] != nbytes:
+            return f"{dtype} {shape} needs {nbytes} bytes, its data_offsets span {offsets[1] - offsets[0]}"
+    return None
+
+
+def shard_header(path: str | Path) -> dict[str, dict]:
+    """The tensor entries of a safetensors file's header (name -> {dtype, shape, data_offsets}), checked
+    against the file's length without reading any tensor.
+
+    Layout: an 8-byte little-endian length N, N bytes of JSON, then the data. Offsets count from the
+    start of the data and the entries tile [0, end) without gaps, so the file is 8 + N + end bytes.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+        if size < 8 or n > min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"{path}: corrupt safetensors shard ({size} bytes cannot hold its header)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors shard (header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors shard (header is not a JSON object)")
+    header.pop("__metadata__", None)
+    end = 0
+    for name, entry in sorted(header.items(), key=lambda kv: _span_key(kv[1])):
+        problem = tensor_entry_problem(entry)
+        if problem is None and entry["data_offsets"][0] != end:
+            problem = f"data starts at byte {entry['data_offsets'][0]}, the previous tensor ends at {end}"
+        if problem:
+            raise CheckpointError(f"{path}: corrupt safetensors shard (tensor {name}: {problem})")
+        end = entry["data_offsets"][1]
+    expected = 8 + n + end
+    if size < expected:
+        raise CheckpointError(f"{path}: truncated safetensors shard ({size} bytes, its header describes {expected})")
+    if size > expected:
+        raise CheckpointError(f"{path}: corrupt safetensors shard ({size - expected} bytes after the tensor data)")
+    return header
+
+
+def _span_key(entry: object) -> tuple:
+    """Sort key by data offsets; malformed entries first, so they are reported rather than crash the sort."""
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets):
+        return (1, offsets[0], offsets[1])
+    return (0, 0, 0)
+
+
+def verify_shards(directory: str | Path) -> list[Path]:
+    """Every model shard of a checkpoint directory checked by `shard_header`; with an index, each shard it
+    names must exist and hold the keys it lists. Returns the shard paths. Reads headers only."""
+    directory = Path(directory)
+    index_path, single = directory / INDEX_NAME, directory / SINGLE_NAME
+    if not index_path.is_file():
+        if not single.is_file():
+            raise CheckpointError(f"{directory}: no {INDEX_NAME} or {SINGLE_NAME}")
+        shard_header(single)
+        return [single]
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path}: unreadable index ({e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
+    keys_of: dict[str, list[str]] = {}
+    for key, name in weight_map.items():
+        keys_of.setdefault(name, []).append(key)
+    paths = []
+    for name in sorted(keys_of):
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: shard listed in {INDEX_NAME} is missing")
+        header = shard_header(path)
+        absent = [k for k in keys_of[name] if k not in header]
+        if absent:
+            raise CheckpointError(f"{path}: {len(absent)} keys listed in {INDEX_NAME} are absent, e.g. {absent[0]}")
+        paths.append(path)
+    return paths
+
+
+def verify_model_spec(spec: str) -> None:
+    """What `resolve_model(spec)` will need, checked in the driver before workers start: a preset passes;
+    a directory needs a readable config.json and sound shards (a worker dying in its constructor on
+    Ray ends the job with a wall of tracebacks instead of one line naming the file)."""
+    if spec in ("tiny", "mid"):
+        return
+    if not Path(spec).is_dir():
+        raise CheckpointError(f"{spec}: checkpoint directory not found")
+    load_config(spec)
+    verify_shards(spec)

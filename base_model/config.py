@@ -2,6 +2,11 @@
 
 Values marked UNVERIFIED in nextstep-model.md (vocab size, rope_theta, the image-area token id) are
 plain config fields: a published config.json overrides them.
+
+Biases of the decoder layers, as NextStep-1's config (a LlamaConfig) reads them: q/k/v take
+`attention_bias`, o_proj `o_attention_bias` (None: same as attention_bias), the MLP `mlp_bias`. A
+config.json without `attention_bias` (Qwen2-based ones: NextStep-1.1's, and ours before these keys)
+gets Qwen2's fixed layout instead: q/k/v biased, o_proj and MLP not.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ class NextStepConfig(Qwen2Config):
         fm_head_layers: int = 12,
         fm_head_batch_mul: int = 4,
         use_gen_pos_embed: bool = False,
+        attention_bias: bool | None = None,
+        o_attention_bias: bool | None = None,
+        mlp_bias: bool = False,
         **kwargs,
     ):
         kwargs.setdefault("tie_word_embeddings", False)
@@ -49,7 +57,14 @@ class NextStepConfig(Qwen2Config):
         self.fm_head_dim = fm_head_dim
         self.fm_head_layers = fm_head_layers
         self.fm_head_batch_mul = fm_head_batch_mul
-        self.use_gen_pos_embed = use_gen_pos_embed
+        self.use_gen_pos_embed = use_gen_pos_embed  # add gen_pos_embed[j] to image token j's condition
+        if attention_bias is None:  # Qwen2's layout (see the module docstring)
+            self.attention_bias = True
+            self.o_attention_bias = bool(o_attention_bias)
+        else:  # NextStep-1's rule
+            self.attention_bias = attention_bias
+            self.o_attention_bias = attention_bias if o_attention_bias is None else o_attention_bias
+        self.mlp_bias = mlp_bias
 
     @property
     def token_dim(self) -> int:

@@ -28,3 +28,18 @@ def check_state_dict(where: object, state: dict, expected: dict) -> None:
             raise CheckpointError(
                 f"{where}: shape mismatch for {key}: expected {tuple(want.shape)}, found {tuple(state[key].shape)}"
             )
+
+
+# Write failures the user fixes by freeing space, raising a quota or pointing output elsewhere.
+_USER_WRITE_ERRNOS = {"ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM"}
+
+
+def write_error(path: object, error: OSError) -> UserError | None:
+    """A one-line UserError naming `path` for a disk-full / quota / read-only / permission OSError; None
+    for any other OSError (a bug or a hardware fault: let it surface with its traceback)."""
+    import errno
+    import os
+
+    if errno.errorcode.get(error.errno) not in _USER_WRITE_ERRNOS:
+        return None
+    return UserError(f"{path}: cannot write ({os.strerror(error.errno)})")

@@ -1,5 +1,6 @@
-"""The flow head's sampler maths as pure functions: time grid, CFG, one head step that both samples
-and scores (sde / ode / cps), counter-based noise, and the flow-matching training targets.
+"""The flow head's sampler maths as pure functions: time grids (ours and NextStep-1's), CFG (two and
+three branches), one head step that both samples and scores (sde / ode / cps), counter-based noise and
+the published pipelines' torch-generator noise, and the flow-matching training targets.
 
 Time runs from noise (t=0) to data (t=1): x_t = t * x1 + (1 - t) * e, velocity v = x1 - e.
 """
@@ -14,18 +15,58 @@ import torch
 
 SdeKind = Literal["sde", "ode", "cps"]
 LogProbReduction = Literal["sum", "mean"]
+# uniform: K steps on linspace(0,1,K+1), all of the sampler's kind (NextStep-1.1's hub sampler; every
+# result committed here; the hub sampler that nextstep-model.md §5 calls authoritative). final_euler: the
+# NextStep-1 GitHub release's `FlowMatchingHead.sample` (an older release), K-1 steps on
+# linspace(0, 1-0.04, K), then one deterministic Euler step of 0.04 from the last grid time.
+TimeGridKind = Literal["uniform", "final_euler"]
+PUBLISHED_LAST_STEP = 0.04  # NextStep-1's `last_step_size`, in unshifted time (the shift is not applied)
 
 
-def time_grid(num_steps: int, shift: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:
-    """[K+1] times: linspace(0,1,K+1)[:-1], shifted t/(s-(s-1)t), then 1.0 appended (NextStep hub sampler)."""
-    ts = torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64)[:-1]
+def time_grid(
+    num_steps: int, shift: float = 1.0, device: torch.device | str = "cpu", kind: TimeGridKind = "uniform"
+) -> torch.Tensor:
+    """[K+1] times t_0 = 0 .. t_K of the K head steps; shift s maps t -> t / (s - (s-1) t).
+
+    uniform: linspace(0,1,K+1)[:-1], shifted, then 1.0 appended (t_K = 1 whatever the shift).
+    final_euler: linspace(0, 0.96, K) in fp32, shifted, then t_{K-1} + 0.04 appended, so with s != 1 the
+    chain stops short of (s < 1: past) t = 1, as NextStep-1's pipeline does.
+    """
+    if kind == "uniform":
+        ts = torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64)[:-1]
+        ts = ts / (shift - (shift - 1.0) * ts)
+        return torch.cat([ts, ts.new_ones(1)]).to(device=device, dtype=torch.float32)
+    if kind != "final_euler":
+        raise ValueError(f"unknown time grid {kind!r}")
+    # fp32 on the CPU, as published: the head then sees bit-identical times
+    ts = torch.linspace(0.0, 1.0 - PUBLISHED_LAST_STEP, num_steps, dtype=torch.float32)
     ts = ts / (shift - (shift - 1.0) * ts)
-    return torch.cat([ts, ts.new_ones(1)]).to(device=device, dtype=torch.float32)
+    return torch.cat([ts, ts[-1:] + PUBLISHED_LAST_STEP]).to(device=device)
 
 
-def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance on the velocity: v_u + scale * (v_c - v_u)."""
-    return v_uncond + scale * (v_cond - v_uncond)
+def num_sde_steps(kind: TimeGridKind, num_steps: int) -> int:
+    """Head steps that draw noise and carry a log-prob: all K (uniform) or the first K-1 (final_euler,
+    whose last step is a plain Euler step: no noise, no log-prob, never trained)."""
+    return num_steps - 1 if kind == "final_euler" else num_steps
+
+
+def cfg_velocity(
+    v_cond: torch.Tensor,
+    v_uncond: torch.Tensor,
+    scale: float,
+    v_null: torch.Tensor | None = None,
+    image_scale: float = 1.0,
+) -> torch.Tensor:
+    """Classifier-free guidance on the velocity, all [..., D].
+
+    Two branches (text-to-image): v_u + scale (v_c - v_u).
+    Three branches (image edit, NextStep-1's `cfg2`): v_uncond is the branch that keeps the input image
+    but drops the text, v_null drops both: v_null + image_scale (v_u - v_null) + scale (v_c - v_u).
+    At image_scale 1 the two forms agree, so v_null then changes nothing.
+    """
+    if v_null is None:
+        return v_uncond + scale * (v_cond - v_uncond)
+    return v_null + image_scale * (v_uncond - v_null) + scale * (v_cond - v_uncond)
 
 
 @dataclass
@@ -113,9 +154,32 @@ def _clamp0(x: torch.Tensor | float) -> torch.Tensor | float:
     return x.clamp_min(0) if isinstance(x, torch.Tensor) else max(x, 0.0)
 
 
+KlScale = Literal["exact", "flow_grpo"]
+
+
 def gaussian_kl_same_std(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu_p, s^2 I) || N(mu_q, s^2 I)) = ||mu_p - mu_q||^2 / (2 s^2). means [..., D], std [...] -> [...]."""
-    return ((mean_p.float() - mean_q.float()) ** 2).sum(-1) / (2 * std.float() ** 2)
+    """KL(N(mu_p, s^2 I) || N(mu_q, s^2 I)) = ||mu_p - mu_q||^2 / (2 s^2), summed over the D dims.
+
+    means [..., D], std [...] -> [...]. Where s = 0 (a deterministic step: CPS's last step, t' = 1)
+    there is no Gaussian to compare and the KL is defined as 0; the step's mean is still trained by
+    the surrogate. Both branches stay finite, so neither the value nor its gradient can be NaN.
+    """
+    sq = ((mean_p.float() - mean_q.float()) ** 2).sum(-1)  # [...]
+    var = std.float() ** 2
+    stochastic = var > 0
+    return torch.where(stochastic, sq / torch.where(stochastic, 2 * var, torch.ones_like(var)), torch.zeros_like(sq))
+
+
+def flow_grpo_kl_factor(kind: SdeKind, t: torch.Tensor, t_next: torch.Tensor, dim: int) -> torch.Tensor:
+    """Factor [K] that turns `gaussian_kl_same_std` into flow_grpo's KL at the same beta.
+
+    flow_grpo averages ||mu_p - mu_q||^2 over the D dims instead of summing (1/D), and for the sde step
+    divides by its noise coefficient squared without the step's dt (x dt); its CPS step has no dt in
+    the std, so there only 1/D applies. t, t_next [K] -> [K]. At K = 10 uniform sde steps: 0.1 / 64.
+    """
+    if kind == "sde":
+        return (t_next - t).float() / dim
+    return torch.full_like(t, 1.0 / dim, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +222,48 @@ def counter_noise(
     u2 = ((_mix32(base + 1) >> 8).float() + 0.5) * (1.0 / (1 << 24))
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
     return z if isinstance(step, torch.Tensor) else z[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Published noise: NextStep's pipelines call set_seed(s) once, then per image token the head draws one
+# torch.randn((n, D)) for x^0 and one per SDE step (none for NextStep-1's final Euler step) from the
+# device's default generator; row r of the caption-major batch takes draw row r % n, where
+# n = num_images_per_caption. So image i of every caption shares its noise.
+
+NoiseKind = Literal["counter", "published"]
+
+
+class PublishedNoise:
+    """That draw order from a torch generator on `device` (CUDA and CPU generators differ, as published).
+
+    A row's seed names its draw row: seeds s, s+1, ..., s+n-1 (image i of each caption takes s+i, the
+    layout `nsalign generate` builds) replay the published call `generate_image(..., seed=s)` with
+    num_images_per_caption = n. seeds [B] int64; one host read of min/max per batch.
+    """
+
+    def __init__(self, seeds: torch.Tensor, dim: int, device: torch.device | str):
+        from base_model.errors import UserError
+
+        first, last = int(seeds.min()), int(seeds.max())
+        self.num_draw_rows = last - first + 1
+        if self.num_draw_rows > seeds.numel():
+            raise UserError(
+                f"noise=published replays one published pipeline call: a batch's seeds must be s, s+1, ... "
+                f"(image i of each caption takes s+i); got {seeds.numel()} rows whose seeds span "
+                f"{self.num_draw_rows} values"
+            )
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(first)
+        self.rows = (seeds - first).to(device)  # [B] draw row of each sample
+        self.dim, self.device = dim, device
+
+    def draw(self, count: int) -> torch.Tensor:
+        """The next `count` draws, one randn((n, D)) call each as published -> [B, count, D] fp32."""
+        draws = [
+            torch.randn((self.num_draw_rows, self.dim), generator=self.generator, device=self.device)
+            for _ in range(count)
+        ]
+        return torch.stack(draws, dim=1)[self.rows]
 
 
 # ---------------------------------------------------------------------------------------------

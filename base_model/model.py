@@ -1,6 +1,10 @@
 """NextStepModel: Qwen2 decoder layers over a mixed text / continuous-image sequence, the two image
 projectors and the flow head. Module names equal the published state-dict keys (no `model.` prefix):
-embed_tokens, layers.*, norm, lm_head, image_in_projector, image_out_projector, image_head.net.*.
+embed_tokens, layers.*, norm, lm_head, image_in_projector, image_out_projector, image_head.net.*,
+and the `gen_pos_embed` buffer when config.use_gen_pos_embed.
+
+The decoder layers take the published config's bias layout (attention_bias for q/k/v, o_attention_bias
+for o_proj, mlp_bias for the MLP; see NextStepConfig), not Qwen2's fixed one.
 """
 
 from __future__ import annotations
@@ -12,6 +16,44 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMS
 from base_model.config import NextStepConfig
 from base_model.head import FlowHead
 from base_model.sequence import attention_mask_4d
+
+GEN_POS_GRID = 32  # side of NextStep's gen_pos_embed table (hard-coded there: 32 x 32 = 1024 tokens)
+
+
+def gen_pos_embed_table(hidden_size: int, grid: int = GEN_POS_GRID) -> torch.Tensor:
+    """MAE's 2-D sin-cos table as NextStep builds it -> [1, grid*grid, hidden] fp32.
+
+    Token p = r * grid + c (raster order) gets [e(c) | e(r)], each half e(pos) = [sin(pos w) | cos(pos w)]
+    with w_i = 10000^(-i / (H/4)), i < H/4 (computed in fp64, as published with numpy).
+    """
+    if hidden_size % 4:
+        raise ValueError(f"gen_pos_embed needs hidden_size divisible by 4, got {hidden_size}")
+    quarter = hidden_size // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # [H/4]
+    pos = torch.arange(grid, dtype=torch.float64)
+    rows, cols = pos.repeat_interleave(grid), pos.repeat(grid)  # [G*G] each
+
+    def half(p: torch.Tensor) -> torch.Tensor:  # [G*G] -> [G*G, H/2]
+        angles = p[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+    return torch.cat([half(cols), half(rows)], dim=-1).float()[None]
+
+
+def apply_bias_layout(layer: Qwen2DecoderLayer, config: NextStepConfig) -> None:
+    """Give a Qwen2 layer (q/k/v biased, o_proj and MLP not) the config's biases, rebuilding only the
+    Linears whose bias differs (same shapes, device and dtype; fresh weights: init or load follows)."""
+    wanted = {
+        **dict.fromkeys(("q_proj", "k_proj", "v_proj"), (layer.self_attn, config.attention_bias)),
+        "o_proj": (layer.self_attn, config.o_attention_bias),
+        **dict.fromkeys(("gate_proj", "up_proj", "down_proj"), (layer.mlp, config.mlp_bias)),
+    }
+    for name, (parent, bias) in wanted.items():
+        old = getattr(parent, name)
+        if (old.bias is not None) != bool(bias):
+            w = old.weight
+            setattr(parent, name, nn.Linear(old.in_features, old.out_features, bias=bool(bias),
+                                            device=w.device, dtype=w.dtype))  # fmt: skip
 
 
 def pick_attention(config: NextStepConfig) -> str:
@@ -57,12 +99,16 @@ class NextStepModel(nn.Module):
         hidden, d = config.hidden_size, config.token_dim
         self.embed_tokens = nn.Embedding(config.vocab_size, hidden)
         self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        for layer in self.layers:
+            apply_bias_layout(layer, config)
         self.norm = Qwen2RMSNorm(hidden, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config=config)
         self.lm_head = nn.Linear(hidden, config.vocab_size, bias=False)
         self.image_in_projector = nn.Linear(d, hidden)
         self.image_out_projector = nn.Linear(hidden, hidden)
         self.image_head = FlowHead(d, hidden, config.fm_head_dim, config.fm_head_layers)
+        if config.use_gen_pos_embed:  # a buffer, saved with the weights as published
+            self.register_buffer("gen_pos_embed", gen_pos_embed_table(hidden), persistent=True)
 
     @property
     def device(self) -> torch.device:
@@ -142,11 +188,28 @@ class NextStepModel(nn.Module):
         return self.backbone(self.embed(input_ids, image_tokens), attention_mask, positions)
 
     # -- image side -----------------------------------------------------------------------------
-    def image_condition(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Normed hidden state h_j [..., H] -> head condition image_out_projector(h_j) [..., H]."""
+    def image_condition(self, hidden: torch.Tensor, token_index: int = 0) -> torch.Tensor:
+        """Normed hidden state -> head condition image_out_projector(h_j + gen_pos_embed[j]).
+
+        hidden [R, H] conditions image token j = token_index; [R, T, H] tokens token_index..+T-1.
+        The position term is NextStep's pipeline's, added only when config.use_gen_pos_embed.
+        """
+        if self.config.use_gen_pos_embed:
+            n = hidden.shape[1] if hidden.ndim == 3 else 1
+            table = self.gen_pos_embed[0]  # [G*G, H]
+            if token_index + n > table.shape[0]:
+                from base_model.errors import UserError
+
+                raise UserError(f"use_gen_pos_embed: the checkpoint's position table covers {table.shape[0]} "
+                                f"image tokens, this image needs {token_index + n}: sample a smaller one")  # fmt: skip
+            pos = table[token_index : token_index + n].to(hidden.dtype)  # [n, H]
+            hidden = hidden + (pos if hidden.ndim == 3 else pos[0])
         return self.image_out_projector(hidden)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Head velocity: x [N, 64] (any float dtype), t [N], cond [N, H] -> [N, 64] fp32."""
+        """Head velocity: x [N, 64] (any float dtype), t [N], cond [N, H] -> [N, 64] fp32.
+
+        t is rounded to the head's dtype first, as published (`ti.to(c)`): a no-op in fp32, and in bf16
+        the times the head was trained on."""
         head_dtype = self.image_head.net.input_proj.weight.dtype
-        return self.image_head(x.to(head_dtype), t, cond.to(head_dtype)).float()
+        return self.image_head(x.to(head_dtype), t.to(head_dtype), cond.to(head_dtype)).float()

@@ -1,10 +1,13 @@
 """Batched KV-cache sampler for NextStep-1.
 
-One backbone pass over the prompts, then token by token: the flow head runs K SDE steps for all
+One backbone pass over the prompts, then token by token: the flow head runs K steps for all
 samples at once (both CFG branches in one batch, same x), the token is fed back through
 image_in_projector, and one backbone step extends the preallocated cache. Per step there is no host
-sync and no Python work that grows with the batch; all noise comes from `counter_noise(seed, token,
-step)`, so a sample's result depends only on (prompt, seed, settings, weights).
+sync and no Python work that grows with the batch. By default all noise comes from
+`counter_noise(seed, token, step)`, so a sample's result depends only on (prompt, seed, settings,
+weights); `noise: published` instead replays the published pipelines' torch-generator draws, and
+`time_grid: final_euler` the NextStep-1 GitHub release's grid with its final deterministic Euler step
+(base_model/flow.py).
 """
 
 from __future__ import annotations
@@ -14,9 +17,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from base_model.flow import LogProbReduction, SdeKind, cfg_velocity, counter_noise, head_step, time_grid
+from base_model.flow import (
+    LogProbReduction,
+    NoiseKind,
+    PublishedNoise,
+    SdeKind,
+    TimeGridKind,
+    cfg_velocity,
+    counter_noise,
+    head_step,
+    num_sde_steps,
+    time_grid,
+)
 from base_model.model import KVCache, NextStepModel
-from base_model.sequence import PromptBatch
+from base_model.sequence import DEFAULT_MAX_PROMPT_TOKENS, PromptBatch, check_sequence_fits
 
 INIT_NOISE_STEP = 0  # counter_noise stream of x^0; head step k uses stream k + 1
 
@@ -32,6 +46,18 @@ class SamplingConfig:
     cps_noise_level: float = 0.7  # `a` of the CPS step, s = (1 - t') sin(a pi / 2)
     negative_prompt: str = ""
     logprob_reduction: LogProbReduction = "sum"  # sum over the 64 dims (exact) or mean
+    # captions (and the negative prompt) keep their first N tokens; travels with every RolloutBatch,
+    # so the learner re-scores exactly the rows the sampler saw (policy: base_model/sequence.py)
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
+    # uniform: K steps ending at t = 1, all of sde_kind (NextStep-1.1's sampler; the tiny and shapes
+    # results committed here were made with it; the authoritative hub sampler, nextstep-model.md §5).
+    # final_euler: the NextStep-1 GitHub release's `FlowMatchingHead.sample` (an older release), K-1 steps on
+    # linspace(0, 0.96, K) then one deterministic Euler step of 0.04 that carries no log-prob and is
+    # never trained; set it to reproduce that release's images.
+    time_grid: TimeGridKind = "uniform"
+    # counter: a pure function of (seed, token, step), whatever the batch. published: the published
+    # pipelines' torch-generator draws; a batch's seeds must be s, s+1, ... (flow.PublishedNoise)
+    noise: NoiseKind = "counter"
 
     def validate(self, where: str = "sampling") -> None:
         from base_model.errors import ConfigError
@@ -40,21 +66,34 @@ class SamplingConfig:
             raise ConfigError(f"{where}.image_size: {self.image_size} is not a positive multiple of 16")
         if self.num_head_steps < 1:
             raise ConfigError(f"{where}.num_head_steps: must be >= 1, got {self.num_head_steps}")
+        if self.time_grid == "final_euler" and self.num_head_steps < 2:  # its only step would be the Euler one
+            raise ConfigError(f"{where}.num_head_steps: time_grid final_euler needs >= 2, got {self.num_head_steps}")
         if self.timestep_shift <= 0:
             raise ConfigError(f"{where}.timestep_shift: must be > 0, got {self.timestep_shift}")
         if not 0.0 <= self.cps_noise_level <= 1.0:
             raise ConfigError(f"{where}.cps_noise_level: must be in [0, 1], got {self.cps_noise_level}")
+        if not self.cfg_scale >= 1.0:  # also NaN; below 1 would push away from the prompt (1.0: no CFG)
+            raise ConfigError(f"{where}.cfg_scale: must be >= 1 (1.0 disables guidance), got {self.cfg_scale}")
+        check_sequence_fits(self.max_prompt_tokens, (self.image_size, self.image_size), None,
+                            f"{where}.max_prompt_tokens")  # fmt: skip
 
     @property
     def uses_cfg(self) -> bool:
         return self.cfg_scale != 1.0
+
+    @property
+    def num_scored_steps(self) -> int:
+        """S: head steps with a log-prob (and a GRPO loss): K, or K-1 on the final_euler grid."""
+        return num_sde_steps(self.time_grid, self.num_head_steps)
 
 
 @dataclass
 class SampleResult:
     tokens: torch.Tensor  # [B, T, 64] fp32 tokens as fed back (after use_norm); decode these
     chains: torch.Tensor | None  # [B, T, K+1, 64] fp32 head states x^0..x^K (RL only)
-    log_probs: torch.Tensor | None  # [B, T, K] fp32 log pi(x^{k+1} | x^k) under the sampling policy
+    # [B, T, S] fp32 log pi(x^{k+1} | x^k) under the sampling policy for the S scored steps k < S
+    # (S = K, or K-1 on the final_euler grid: its final Euler step has no log-prob)
+    log_probs: torch.Tensor | None
 
 
 def token_norm(x: torch.Tensor) -> torch.Tensor:
@@ -81,28 +120,35 @@ def sample_token(
     grid: list[float],
     cfg: SamplingConfig,
     record: bool,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Run the K head steps for one image token of every sample.
 
-    cond [R, H]; seeds [B] -> (x^K [B, 64] fp32, chain [B, K+1, 64] | None, log_probs [B, K] | None).
+    cond [R, H]; seeds [B]; noise [B, 1+S, 64] (x^0, then one draw per scored step) or None for the
+    counter noise of (seeds, token_index) -> (x^K [B, 64] fp32, chain [B, K+1, 64] | None,
+    log_probs [B, S] | None). Steps k >= S (the final_euler grid's last) are deterministic Euler steps.
     """
     num_steps = len(grid) - 1
-    # streams 0..K of this token: x^0, then the noise of each step
-    streams = torch.arange(num_steps + 1, device=seeds.device)
-    noise = counter_noise(seeds, token_index, streams, model.config.token_dim)  # [B, K+1, 64]
+    num_sde = num_sde_steps(cfg.time_grid, num_steps)
+    if noise is None:
+        # streams 0..K of this token: x^0, then the noise of each step (the final_euler grid leaves K unused)
+        streams = torch.arange(num_steps + 1, device=seeds.device)
+        noise = counter_noise(seeds, token_index, streams, model.config.token_dim)  # [B, K+1, 64]
     x = noise[:, INIT_NOISE_STEP]
     chain, logps = ([x], []) if record else (None, None)
     for k in range(num_steps):
         v = guided_velocity(model, x, grid[k], cond, cfg.cfg_scale)
-        eps = noise[:, INIT_NOISE_STEP + 1 + k]
+        scored = k < num_sde
+        eps = noise[:, INIT_NOISE_STEP + 1 + k] if scored else torch.zeros_like(x)
         step = head_step(
-            x, v, grid[k], grid[k + 1], cfg.sde_kind, noise=eps,
+            x, v, grid[k], grid[k + 1], cfg.sde_kind if scored else "ode", noise=eps,
             reduction=cfg.logprob_reduction, cps_noise_level=cfg.cps_noise_level,
         )  # fmt: skip
         x = step.x_next
         if record:
             chain.append(x)
-            logps.append(step.log_prob)
+            if scored:
+                logps.append(step.log_prob)
     if not record:
         return x, None, None
     return x, torch.stack(chain, dim=1), torch.stack(logps, dim=1)
@@ -137,11 +183,12 @@ def sample_tokens(
     cache = KVCache(model.config, rows, max_len, model.dtype, device)
     key_valid = torch.ones((rows, max_len), dtype=torch.bool, device=device)
     key_valid[:, :prompt_len] = batch.attention_mask
-    grid = time_grid(cfg.num_head_steps, cfg.timestep_shift).tolist()  # python floats: no device syncs
+    grid = time_grid(cfg.num_head_steps, cfg.timestep_shift, kind=cfg.time_grid).tolist()  # floats: no syncs
+    published = PublishedNoise(seeds, model.config.token_dim, device) if cfg.noise == "published" else None
 
     all_positions = torch.arange(max_len, device=device)
     hidden = model.backbone(model.embed(batch.input_ids), key_valid, all_positions[:prompt_len], cache)
-    cond = model.image_condition(hidden[:, -1])  # [R, H]
+    cond = model.image_condition(hidden[:, -1], token_index=0)  # [R, H]
 
     tokens, chains, logps = [], [], []
     steps = range(num_tokens)
@@ -154,7 +201,8 @@ def sample_tokens(
         if j < num_given:
             y = prefix_tokens[:, j].to(device=device, dtype=torch.float32)  # [B, 64]
         else:
-            x, chain, logp = sample_token(model, cond, seeds, j, grid, cfg, record_chains)
+            noise = None if published is None else published.draw(1 + cfg.num_scored_steps)  # [B, 1+S, 64]
+            x, chain, logp = sample_token(model, cond, seeds, j, grid, cfg, record_chains, noise)
             y = token_norm(x) if cfg.use_norm else x  # [B, 64]
         tokens.append(y)
         if record_chains:
@@ -166,7 +214,7 @@ def sample_tokens(
         emb = emb if rows == b else torch.cat([emb, emb], dim=0)
         pos = all_positions[prompt_len + j : prompt_len + j + 1]
         hidden = model.backbone(emb[:, None], key_valid, pos, cache)
-        cond = model.image_condition(hidden[:, -1])
+        cond = model.image_condition(hidden[:, -1], token_index=j + 1)
     return SampleResult(
         tokens=torch.stack(tokens, dim=1),
         chains=torch.stack(chains, dim=1) if record_chains else None,

@@ -70,7 +70,9 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(yaml_error_line(str(path), e)) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for item in overrides or []:
@@ -83,10 +85,14 @@ def apply_override(data: dict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not of the form key=value")
     key, raw = item.split("=", 1)
+    if not key or "" in key.split("."):
+        raise ConfigError(f"override '{item}': empty key name")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
+    except yaml.YAMLError as e:
+        if raw.lstrip().startswith(("[", "{")):  # meant as a list / mapping: say where it breaks
+            raise ConfigError(yaml_error_line(f"override '{item}'", e)) from None
+        value = raw  # other text that is not valid YAML (`prompt=a: b`) is the string itself
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
@@ -94,6 +100,17 @@ def apply_override(data: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override '{item}': '{part}' is not a mapping")
     node[parts[-1]] = value
+
+
+def yaml_error_line(where: str, e: yaml.YAMLError) -> str:
+    """One line `WHERE:LINE:COL: problem (context)` for a YAML error (PyYAML's own text spans 3-8 lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    text = f"{where}:{mark.line + 1}:{mark.column + 1}: {problem}" if mark else f"{where}: {problem}"
+    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context:
+        text += f" ({context} started at line {start.line + 1})" if start else f" ({context})"
+    return " ".join(text.split())  # no newline may survive: the CLI prints one line
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

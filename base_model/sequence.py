@@ -5,6 +5,12 @@ then h*w image tokens (placeholders, embedded by image_in_projector) and <|end_o
 With CFG the rows are [cond | uncond]; the uncond caption is the negative prompt ("" by default).
 Position ids are cache positions: they count left padding (RoPE is relative, so a prompt's result
 does not depend on how much padding the batch adds, up to float rounding).
+
+Prompt length policy (every job): a caption longer than `max_prompt_tokens` tokens is TRUNCATED to its
+first `max_prompt_tokens` tokens (counted with the tokenizer's special tokens), never refused, because
+one long prompt in a 20K-prompt file should not stop a run. Each job reports the count once at start
+(`truncation_note`), and refuses at validation a `max_prompt_tokens` that cannot fit the model's
+positions together with the image block (`check_sequence_fits`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ import torch
 from base_model.tokenizer import IMAGE_AREA_TOKEN, SpecialIds
 
 DOWN_FACTOR = 16  # pixels per image token side: VAE 8x times the 2x2 patch
+# Our choice, not published: far above any real text-to-image caption (CLIP reads 77, T5 in SD3 256)
+# and small enough that a pasted essay costs no memory; its worst case fits every preset's positions.
+DEFAULT_MAX_PROMPT_TOKENS = 512
+RANDOM_PRESETS = ("tiny", "mid")  # model specs that name a random preset, not a directory (resolve_model)
 
 
 @dataclass
@@ -63,14 +73,13 @@ def build_prompt_batch(
     image_hw: tuple[int, int],
     with_uncond: bool,
     negative_prompt: str = "",
-    max_prompt_tokens: int | None = None,
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
 ) -> PromptBatch:
-    """Tokenize captions (+ negative prompts), left-pad, append the image prefix. -> PromptBatch."""
+    """Tokenize captions (+ negative prompts) keeping each one's first `max_prompt_tokens` tokens,
+    left-pad, append the image prefix. -> PromptBatch."""
     grid = grid_for_size(*image_hw)
     captions = list(prompts) + ([negative_prompt] * len(prompts) if with_uncond else [])
-    rows = [tokenizer(c, add_special_tokens=True)["input_ids"] for c in captions]
-    if max_prompt_tokens is not None:
-        rows = [r[-max_prompt_tokens:] if len(r) > max_prompt_tokens else r for r in rows]
+    rows = [ids_[:max_prompt_tokens] for ids_ in caption_ids(tokenizer, captions)]
     prefix = image_prefix_ids(tokenizer, ids, grid)
     rows = [r + prefix for r in rows]
     length = max(len(r) for r in rows)
@@ -80,6 +89,73 @@ def build_prompt_batch(
         input_ids[i, length - len(r) :] = torch.tensor(r, dtype=torch.long)
         mask[i, length - len(r) :] = True
     return PromptBatch(input_ids, mask, len(prompts), grid, with_uncond)
+
+
+def caption_ids(tokenizer, captions: list[str]) -> list[list[int]]:
+    """Token ids of each caption, with the tokenizer's special tokens (BOS when it has one)."""
+    return [list(r) for r in tokenizer(list(captions), add_special_tokens=True)["input_ids"]] if captions else []
+
+
+def truncation_note(job: str, key: str, tokenizer, prompts: list[str], max_prompt_tokens: int) -> str | None:
+    """The one line a job prints at start when some prompts exceed `max_prompt_tokens` (None when none do)."""
+    lengths = [len(r) for r in caption_ids(tokenizer, prompts)]
+    over = [n for n in lengths if n > max_prompt_tokens]
+    if not over:
+        return None
+    return (f"{job}: {len(over)} of {len(prompts)} prompts are longer than {key}={max_prompt_tokens} tokens "
+            f"(longest {max(over)}) and are truncated to their first {max_prompt_tokens} tokens")  # fmt: skip
+
+
+def positions_needed(max_prompt_tokens: int, image_hw: tuple[int, int]) -> int:
+    """Upper bound on the positions of a finished sequence: caption + <|image_area|> "h*w" <|boi|> +
+    h*w image tokens + <|eoi|>. "h*w" counts one token per character (byte-level BPE never needs more)."""
+    h, w = grid_for_size(*image_hw)
+    return max_prompt_tokens + 1 + len(f"{h}*{w}") + 1 + h * w + 1
+
+
+def check_sequence_fits(max_prompt_tokens: int, image_hw: tuple[int, int], max_positions: int | None,
+                        where: str) -> None:  # fmt: skip
+    """ConfigError unless `max_prompt_tokens` >= 1 and the longest sequence fits `max_positions`
+    (None: the model is not known yet, only the first check runs)."""
+    from base_model.errors import ConfigError
+
+    if max_prompt_tokens < 1:
+        raise ConfigError(f"{where}: must be >= 1, got {max_prompt_tokens}")
+    if max_positions is None:
+        return
+    need = positions_needed(max_prompt_tokens, image_hw)
+    if need > max_positions:
+        image = max_positions - (need - max_prompt_tokens)
+        fix = f"use <= {image}" if image >= 1 else "use a smaller image size"
+        raise ConfigError(
+            f"{where}: {max_prompt_tokens} prompt tokens + {need - max_prompt_tokens} image and special tokens "
+            f"at {image_hw[0]}x{image_hw[1]}px = {need} positions > the model's {max_positions}; {fix}"
+        )
+
+
+def model_max_positions(spec: str) -> int | None:
+    """max_position_embeddings of a preset name or a checkpoint directory's config.json; None when the
+    directory or its config cannot be read here (loading the model reports that, naming the file)."""
+    import json
+    from pathlib import Path
+
+    from base_model.config import PRESETS
+
+    if spec in RANDOM_PRESETS:
+        return PRESETS[spec]["max_position_embeddings"]
+    try:
+        value = json.loads((Path(spec) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def prompt_tokenizer(spec: str):
+    """The tokenizer of a preset (the in-process byte-level one) or a checkpoint directory, without the
+    weights: drivers that never load the model use it to count long prompts."""
+    from base_model.tokenizer import build_tiny_tokenizer, load_tokenizer
+
+    return build_tiny_tokenizer() if spec in RANDOM_PRESETS else load_tokenizer(spec)
 
 
 def append_image_block(batch: PromptBatch, ids: SpecialIds) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from base_model.flow import cfg_velocity, flow_matching_inputs, head_step, sample_logit_normal, time_grid
+from base_model.flow import (
+    cfg_velocity,
+    flow_matching_inputs,
+    head_step,
+    num_sde_steps,
+    sample_logit_normal,
+    time_grid,
+)
 from base_model.model import NextStepModel
 from base_model.sampler import SamplingConfig
 from base_model.sequence import PromptBatch, append_image_block
@@ -40,7 +47,7 @@ def teacher_forced(
     img = tokens if rows == tokens.shape[0] else torch.cat([tokens, tokens], dim=0)
     hidden = model.forward_sequence(input_ids, mask, img.to(model.device))  # [R, L+T+1, H]
     start = batch.prompt_len  # index of the first placeholder
-    cond = model.image_condition(hidden[:, start - 1 : start - 1 + t])  # [R, T, H]
+    cond = model.image_condition(hidden[:, start - 1 : start - 1 + t], token_index=0)  # [R, T, H]
     text_ce, n_text = hidden.new_zeros((), dtype=torch.float32), 0
     if compute_text_ce:
         # targets: real (unpadded) text tokens at positions 1..L-1 plus <|end_of_image|>
@@ -117,9 +124,12 @@ def sft_loss(
 
 @dataclass
 class ChainScores:
-    log_probs: torch.Tensor  # [B, T, K] log pi_theta(x^{k+1} | x^k), fp32
-    means: torch.Tensor  # [B, T, K, 64] transition means (for the KL to a reference)
-    stds: torch.Tensor  # [K] transition stds
+    """The S scored steps k < S of each chain (S = K, or K-1 on the final_euler grid, whose last step is
+    a deterministic Euler step with no log-prob: it is neither scored nor trained)."""
+
+    log_probs: torch.Tensor  # [B, T, S] log pi_theta(x^{k+1} | x^k), fp32
+    means: torch.Tensor  # [B, T, S, 64] transition means (for the KL to a reference)
+    stds: torch.Tensor  # [S] transition stds
 
 
 def score_chains(
@@ -132,19 +142,20 @@ def score_chains(
 ) -> ChainScores:
     """Re-score recorded head chains with ONE teacher-forced pass (gradients flow when enabled).
 
-    tokens [B, T, 64] (as fed back); chains [B, T, K+1, 64]. CFG is used iff `batch.has_uncond`
-    (NextStep-1.1 trains without CFG: pass a batch built with_uncond=False).
+    tokens [B, T, 64] (as fed back); chains [B, T, K+1, 64], sampled on `cfg.time_grid`, whose first S
+    steps are scored. CFG is used iff `batch.has_uncond` (NextStep-1.1 trains without CFG: pass a batch
+    built with_uncond=False).
     """
     tf = teacher_forced(model, batch, ids, tokens)
     b, t, k1, d = chains.shape
-    k = k1 - 1
-    grid = time_grid(k, cfg.timestep_shift, device=chains.device)  # [K+1]
-    x = chains[:, :, :k].reshape(-1, d)  # [B*T*K, 64]
-    x_next = chains[:, :, 1:].reshape(-1, d)
-    ts = grid[:k].repeat(b * t)  # [B*T*K]
+    k = num_sde_steps(cfg.time_grid, k1 - 1)  # S: the final_euler grid's final Euler step is left out
+    grid = time_grid(k1 - 1, cfg.timestep_shift, device=chains.device, kind=cfg.time_grid)[: k + 1]  # [S+1]
+    x = chains[:, :, :k].reshape(-1, d)  # [B*T*S, 64]
+    x_next = chains[:, :, 1 : k + 1].reshape(-1, d)
+    ts = grid[:k].repeat(b * t)  # [B*T*S]
     ts_next = grid[1:].repeat(b * t)
 
-    def cond_rows(c: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B*T*K, H]
+    def cond_rows(c: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B*T*S, H]
         return c[:, :, None].expand(-1, -1, k, -1).reshape(b * t * k, -1)
 
     v = model.velocity(x, ts, cond_rows(tf.image_cond[:b]))

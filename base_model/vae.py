@@ -349,14 +349,24 @@ class NextStepVAE(nn.Module):
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write through a temporary file, then rename; on any failure the temporary file is removed and a
+    disk-full / quota / read-only error becomes one UserError naming `path`."""
+    from base_model.errors import write_error
+
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise (write_error(path, e) or e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        user = write_error(path, e) if isinstance(e, OSError) else None
+        if user is not None:
+            raise user from None
         raise
 
 

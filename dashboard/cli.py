@@ -3,15 +3,20 @@
 RUN_DIRs may be eval directories (nsalign evaluate), run directories (metrics.jsonl; their
 select/eval/ and selection.json are picked up) and preference datasets (nsalign build-prefs). The
 page is DIR/index.html; it opens from file:// with no network. `--serve` serves DIR on 127.0.0.1
-only, for `--serve-seconds` at most (Ctrl-C stops it earlier). `--wandb` also logs the tables to
+only, for `--serve-seconds` at most (Ctrl-C stops it earlier); the port is bound before the page is
+built, so a busy port ends with one line and no file written. `--wandb` also logs the tables to
 wandb (offline unless WANDB_MODE says otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
 import os
 import sys
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from dashboard.build import DashboardError, build_data
@@ -23,8 +28,12 @@ def write_page(out: Path, data: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     final = out / "index.html"
     tmp = out / f".index.html.tmp-{os.getpid()}"
-    tmp.write_text(render(data), encoding="utf-8")
-    os.replace(tmp, final)
+    try:
+        tmp.write_text(render(data), encoding="utf-8")
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a partial page behind
+        raise
     return final
 
 
@@ -57,14 +66,18 @@ def log_wandb(out: Path, data: dict) -> None:
     run.finish()
 
 
-def serve(out: Path, port: int, seconds: float) -> None:
-    """Serve `out` on 127.0.0.1:port until `seconds` pass or Ctrl-C."""
-    import functools
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
+def open_server(out: Path, port: int) -> ThreadingHTTPServer:
+    """An HTTP server for `out`, bound to 127.0.0.1:port (0: any free port) but not serving yet."""
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(out))
-    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    try:
+        return ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except (OSError, OverflowError) as e:  # OverflowError: a port outside 0-65535
+        reason = "already in use" if getattr(e, "errno", None) == errno.EADDRINUSE else getattr(e, "strerror", None)
+        raise DashboardError(f"--port {port}: cannot serve on 127.0.0.1:{port} ({reason or e})") from None
+
+
+def serve_until(server: ThreadingHTTPServer, seconds: float) -> None:
+    """Serve until `seconds` pass or Ctrl-C, then close the socket."""
     timer = threading.Timer(seconds, server.shutdown)
     timer.daemon = True
     timer.start()
@@ -76,6 +89,11 @@ def serve(out: Path, port: int, seconds: float) -> None:
     finally:
         timer.cancel()
         server.server_close()
+
+
+def serve(out: Path, port: int, seconds: float) -> None:
+    """Serve `out` on 127.0.0.1:port until `seconds` pass or Ctrl-C."""
+    serve_until(open_server(out, port), seconds)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,10 +109,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    server = None
     try:
+        if args.serve:  # bind first: a busy port must fail before anything is written
+            server = open_server(args.out, args.port)
         data = build_data(args.run_dirs, args.baseline, args.num_resamples, args.max_grid_prompts)
         page = write_page(args.out, data)
     except (DashboardError, OSError) as e:
+        if server is not None:
+            server.server_close()
         print(f"nsalign dashboard: error: {e}", file=sys.stderr)
         return 2
     n_ckpt = sum(len(s["checkpoints"]) for s in data["evals"])
@@ -102,6 +125,6 @@ def run(args: argparse.Namespace) -> int:
           f"metrics, {len(data['prefs'])} preference datasets -> {page}")  # fmt: skip
     if args.wandb:
         log_wandb(args.out, data)
-    if args.serve:
-        serve(args.out, args.port, args.serve_seconds)
+    if server is not None:
+        serve_until(server, args.serve_seconds)
     return 0

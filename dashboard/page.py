@@ -62,9 +62,22 @@ select, input[type=text] { padding:4px 8px; border:1px solid #d1d5db; border-rad
 """
 
 
+# Characters that may not appear raw inside <script>: `<` can open `</script>` or `<!--<script>`, which
+# switches the HTML tokenizer into a state where the real closing tag is missed; `>` and `&` for good
+# measure. Each becomes a JSON \uXXXX escape, which JSON.parse turns back into the same character (they
+# only ever occur inside JSON strings). ensure_ascii escapes every non-ASCII character, U+2028/U+2029
+# (line ends in older JavaScript) and lone surrogates (not encodable as UTF-8) included.
+SCRIPT_UNSAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
+
+
+def json_for_script(data: object) -> str:
+    """`data` as JSON text that is safe as the content of a <script type="application/json"> element."""
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=True).translate(SCRIPT_UNSAFE)
+
+
 def render(data: dict) -> str:
     """The whole page as one string."""
-    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")  # safe inside <script>
+    payload = json_for_script(data)  # read back by the script with JSON.parse(textContent)
     title = html.escape(data["title"])
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>

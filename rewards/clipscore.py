@@ -32,11 +32,12 @@ from rewards.common import (
     finish_model,
     letterbox,
     load_exact,
-    normalize,
+    pil_to_unit,
     read_torch_file,
     require_file,
     resize_center_crop,
     seeded_init,
+    standardize,
     to_pil,
 )
 
@@ -46,10 +47,11 @@ TINY_OPEN_CLIP = dict(
     vision_cfg=dict(image_size=32, layers=2, width=64, head_width=32, patch_size=8),
     text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
 )
-RESIZERS: dict[str, Callable[[Image.Image, int], Image.Image]] = {
-    "shortest": resize_center_crop,  # open_clip's default eval transform
-    "longest": letterbox,  # HPSv2
-    "squash": lambda im, size: im.resize((size, size), Image.BICUBIC),
+# uint8 [B, 3, H, W], size -> float [B, 3, S, S] in [0, 1]
+RESIZERS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "shortest": lambda x, size: pil_to_unit([resize_center_crop(im, size) for im in to_pil(x)]),  # open_clip eval
+    "longest": letterbox,  # HPSv2: on the float tensor
+    "squash": lambda x, size: pil_to_unit([im.resize((size, size), Image.BICUBIC) for im in to_pil(x)]),
 }
 
 
@@ -159,7 +161,7 @@ class OpenClipScorer:
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] -> normalised [B, 3, S, S]."""
-        return normalize([self.resize(im, self.image_size) for im in to_pil(images)], self.mean, self.std)
+        return standardize(self.resize(images, self.image_size), self.mean, self.std)
 
     @torch.no_grad()
     def cosine(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

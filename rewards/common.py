@@ -1,6 +1,7 @@
-"""Pieces shared by the learned rewards: image preprocessing as the published pipelines do it (PIL,
-bicubic), the rating MLP head of ImageReward and the LAION aesthetic predictor, and strict loading of
-published checkpoint files (a missing file or key is a CheckpointError naming path and source).
+"""Pieces shared by the learned rewards: image preprocessing as the published pipelines do it (PIL
+bicubic, or HPSv2's float-tensor letterbox), the rating MLP head of ImageReward and the LAION aesthetic
+predictor, and strict loading of published checkpoint files (a missing file or key is a CheckpointError
+naming path and source).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -41,29 +43,40 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def letterbox(image: Image.Image, size: int, fill: int = 0) -> Image.Image:
-    """HPSv2's ResizeMaxSize: longer side -> size (bicubic), pad the rest with `fill`, centred.
+def letterbox(images: torch.Tensor, size: int, fill: float = 0.0) -> torch.Tensor:
+    """HPSv2's ToTensor then ResizeMaxSize: uint8 [B, 3, H, W] -> float [B, 3, S, S] in [0, 1].
 
+    As upstream: pixels become floats first, the longer side is resized to `size` on the float tensor
+    (bicubic, antialias, no rounding or clamping, so overshoots stay), then `fill` pads the rest, centred.
     Upstream skips the padding too when the longer side is already `size`, leaving a non-square
     image; we pad then as well, so every output is size x size.
     """
-    w, h = image.size
-    if (w, h) == (size, size):
-        return image
-    scale = size / max(w, h)
-    new_w, new_h = round(w * scale), round(h * scale)
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), Image.BICUBIC)
-    out = Image.new("RGB", (size, size), (fill, fill, fill))
-    out.paste(image, ((size - new_w) // 2, (size - new_h) // 2))
-    return out
+    x = images.float() / 255.0  # [B, 3, H, W]
+    h, w = x.shape[-2:]
+    if (h, w) == (size, size):
+        return x
+    scale = size / max(h, w)
+    new_h, new_w = round(h * scale), round(w * scale)
+    if (new_h, new_w) != (h, w):
+        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    return F.pad(x, (left, size - new_w - left, top, size - new_h - top), value=fill)
+
+
+def pil_to_unit(images: Iterable[Image.Image]) -> torch.Tensor:
+    """PIL images of one size -> float32 [B, 3, S, S] in [0, 1] (torchvision's ToTensor)."""
+    x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)) for im in images])  # [B, S, S, 3]
+    return x.permute(0, 3, 1, 2) / 255.0
+
+
+def standardize(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    """float [B, 3, S, S] in [0, 1] -> (x - mean) / std per channel."""
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 def normalize(images: Iterable[Image.Image], mean: tuple, std: tuple) -> torch.Tensor:
     """PIL images of one size -> float32 [B, 3, S, S], (x/255 - mean) / std."""
-    x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)) for im in images])  # [B, S, S, 3]
-    x = x.permute(0, 3, 1, 2) / 255.0
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    return standardize(pil_to_unit(images), mean, std)
 
 
 class RatingMLP(nn.Module):

@@ -1,9 +1,9 @@
 """GenEval-style compositional reward (Ghosh et al. 2023, arXiv:2310.11513): rules over detections.
 
 Two halves that never meet except through `Detection` lists:
-- a `Detector` (any callable image -> detections; configured as an import path "module:factory") finds
-  objects: label, box, confidence, and optionally a colour name and a mask. GenEval used Mask2Former +
-  a CLIP colour classifier; no weights for those ship here, so the detector is pluggable;
+- a `Detector` (any callable image -> detections; configured by name, see Trust below) finds objects:
+  label, box, confidence, and optionally a colour name and a mask. GenEval used Mask2Former + a CLIP
+  colour classifier; no weights for those ship here, so the detector is pluggable;
 - the clause engine (pure functions) checks a prompt's clauses from geneval_metadata.jsonl against them,
   following GenEval's evaluate_images.py: detections above the confidence threshold (0.9 for the
   counting tag, else 0.3), at most 16 per class, best first; for each `include` entry the `count`
@@ -11,13 +11,26 @@ Two halves that never meet except through `Detection` lists:
   the relation to every object matched by the referenced entry (box centres, offsets shrunk by 0.1 x
   the summed box sizes); each `exclude` entry needs fewer than `count` objects of its class.
 Scores: strict = 1 if every clause holds (GenEval's accuracy), partial = fraction of clauses that hold.
+
+Trust: a rewards config is data, and may come from anyone (a shared YAML, an override on the command line).
+`params.detector` therefore only *names* a detector: one built in here (`BUILTIN_DETECTORS`), or one that
+an installed package declares under the entry-point group `nextstep_align.geneval_detectors` (installing a
+package already trusts its code; a config never names code to import). An unknown name fails config
+validation (`nsalign rewards check` exits 2 with one line listing the known names). `detector_args` are
+plain YAML values passed as keyword arguments to the chosen factory. A plug-in declares, in its
+pyproject.toml:
+
+    [project.entry-points."nextstep_align.geneval_detectors"]
+    mask2former = "my_package.detect:build_detector"   # factory(**detector_args) -> Detector
 """
 
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
+import inspect
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -91,9 +104,13 @@ class Rules:
 
 
 def group_detections(detections: list[Detection], threshold: float, max_per_class: int) -> dict[str, list[Detection]]:
-    """label -> detections above `threshold`, best first, at most `max_per_class`."""
+    """label -> detections above `threshold`, best first, at most `max_per_class`.
+
+    Order as GenEval's `np.argsort(scores)[::-1]`: ascending (ties in detector order), then reversed,
+    so of two equally confident detections the later one comes first.
+    """
     groups: dict[str, list[Detection]] = {}
-    for d in sorted(detections, key=lambda d: -d.score):
+    for d in reversed(sorted(detections, key=lambda d: d.score)):
         if d.score > threshold and len(groups.setdefault(d.label, [])) < max_per_class:
             groups[d.label].append(d)
     return {k: v for k, v in groups.items() if v}
@@ -163,7 +180,7 @@ class Config:
     """Params of `type: geneval`."""
 
     metadata: str  # geneval_metadata.jsonl
-    detector: str  # "package.module:factory"; factory(**detector_args) -> Detector
+    detector: str  # a name from `known_detectors()`, e.g. "shapes"; its factory(**detector_args) -> Detector
     detector_args: dict[str, Any] = field(default_factory=dict)
     score: Literal["strict", "partial"] = "strict"
     confidence_threshold: float = 0.3
@@ -172,9 +189,7 @@ class Config:
     position_threshold: float = 0.1
 
     def validate(self, where: str) -> None:
-        module, _, attr = self.detector.partition(":")
-        if not module or not attr:
-            raise ConfigError(f"{where}.detector: expected 'package.module:factory', got '{self.detector}'")
+        detector_name(self.detector, f"{where}.detector")  # a look-up: nothing is imported
 
     def files(self) -> list[RequiredFile]:
         return [RequiredFile("metadata", self.metadata, SOURCE, "jsonl: tag, include, exclude, prompt")]
@@ -184,13 +199,63 @@ class Config:
                      self.position_threshold)  # fmt: skip
 
 
-def load_detector(path: str, args: dict[str, Any]) -> Detector:
-    """Import "module:factory" and call factory(**args)."""
-    module, _, attr = path.partition(":")
+DETECTOR_ENTRY_POINTS = "nextstep_align.geneval_detectors"  # the entry-point group of detector plug-ins
+
+
+def _shapes() -> Callable[..., Detector]:
+    from shapes.detect import ShapesDetector  # imported on use: shapes.detect imports this module
+
+    return ShapesDetector
+
+
+# Detectors of this package: the name a config gives -> a function returning the factory (importing it only
+# then). Plug-ins cannot replace them (a plug-in declaring one of these names is ignored).
+BUILTIN_DETECTORS: dict[str, Callable[[], Callable[..., Detector]]] = {"shapes": _shapes}
+
+# The import paths configs used to give before detectors were named (rewards.yaml files written by
+# `nsalign shapes-world` up to then say "shapes.detect:ShapesDetector"): a fixed table, never imported.
+LEGACY_DETECTOR_NAMES = {"shapes.detect:ShapesDetector": "shapes", "shapes.detect:shapes_detector": "shapes"}
+
+
+def plugin_detectors() -> dict[str, importlib.metadata.EntryPoint]:
+    """Installed packages' detectors: name -> entry point (not loaded yet), built-in names left out."""
+    found = importlib.metadata.entry_points(group=DETECTOR_ENTRY_POINTS)
+    return {ep.name: ep for ep in found if ep.name not in BUILTIN_DETECTORS}
+
+
+def known_detectors() -> list[str]:
+    """Every name `params.detector` may take: built-ins first, then installed plug-ins."""
+    return [*BUILTIN_DETECTORS, *sorted(plugin_detectors())]
+
+
+def detector_name(name: str, where: str = "geneval detector") -> str:
+    """The registered name `name` stands for (itself, or the name of a legacy path); an unknown name is a
+    ConfigError listing the known ones. Looks names up only: nothing is imported."""
+    name = LEGACY_DETECTOR_NAMES.get(name, name)
+    if name not in BUILTIN_DETECTORS and name not in plugin_detectors():
+        raise ConfigError(
+            f"{where}: unknown detector {name!r} (known: {', '.join(known_detectors())}; plug-ins register "
+            f"under the entry-point group {DETECTOR_ENTRY_POINTS})"
+        )
+    return name
+
+
+def load_detector(name: str, args: dict[str, Any]) -> Detector:
+    """The detector registered under `name` (a built-in, or a plug-in's entry point, loaded now), built
+    with factory(**args). Never imports a path taken from the config."""
+    name = detector_name(name)
+    if name in BUILTIN_DETECTORS:
+        factory = BUILTIN_DETECTORS[name]()
+    else:
+        entry = plugin_detectors()[name]
+        try:
+            factory = entry.load()
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"geneval detector plug-in {name!r} ({entry.value}) cannot be loaded: {e}") from None
     try:
-        factory = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"geneval detector '{path}' cannot be imported: {e}") from None
+        inspect.signature(factory).bind(**args)
+    except TypeError as e:  # an unknown or missing keyword
+        raise ConfigError(f"geneval detector {name!r}: detector_args do not fit it ({e})") from None
     return factory(**args)
 
 

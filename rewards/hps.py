@@ -1,8 +1,9 @@
 """HPSv2 / HPSv2.1 (Wu et al. 2023, arXiv:2306.09341): OpenCLIP ViT-H-14 fine-tuned on human preferences.
 
 score = cosine(image embedding, text embedding), about 0.2-0.35 on generated images (papers print x100).
-Preprocessing is HPSv2's own: letterbox (longer side -> 224 bicubic, black padding, centred) with the
-OpenAI mean/std, not open_clip's centre crop. The published `HPS_v2.1_compressed.pt` (hub xswu/HPSv2)
+Preprocessing is HPSv2's own: to a float tensor first, then letterbox on it (longer side -> 224, bicubic
+with antialias, no rounding or clamping; black padding, centred) with the OpenAI mean/std, not
+open_clip's centre crop. The published `HPS_v2.1_compressed.pt` (hub xswu/HPSv2)
 is a dict whose 'state_dict' holds the open_clip ViT-H-14 weights; open-clip-torch ships the
 architecture and the BPE vocabulary, so the `hpsv2` package is not needed.
 """

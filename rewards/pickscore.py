@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, CLIPTokenizerFast
 
 from base_model.errors import CheckpointError, ConfigError
 from rewards.base import RequiredFile, RewardOutput, check_inputs
@@ -73,11 +73,15 @@ class Config:
 
 
 def load_processor(directory: str) -> CLIPProcessor:
-    """CLIPProcessor (CLIP tokenizer + image processor) from local files."""
+    """CLIPProcessor from local files, as PickScore's `AutoProcessor` builds it: the fast (Rust) CLIP
+    tokenizer, which only lower-cases and normalises whitespace (the slow one runs ftfy: curly quotes,
+    ligatures and `&amp;` would tokenise differently), and the PIL image processor."""
     if not Path(directory).is_dir():
         raise CheckpointError(f"CLIP processor directory not found: {directory} (published: {PROCESSOR_SOURCE})")
     try:
-        processor = CLIPProcessor.from_pretrained(directory, local_files_only=True, use_fast=False)  # PIL, as PickScore
+        tokenizer = CLIPTokenizerFast.from_pretrained(directory, local_files_only=True)
+        image_processor = CLIPImageProcessor.from_pretrained(directory, local_files_only=True)
+        processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"CLIP processor at {directory}: cannot load ({PROCESSOR_SOURCE}): {e}") from None
     return processor

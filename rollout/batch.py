@@ -20,7 +20,7 @@ class RolloutBatch:
     # trajectory
     tokens: torch.Tensor  # [B, T, 64] fp32 emitted image tokens (after use_norm)
     chains: torch.Tensor | None  # [B, T, K+1, 64] fp32 head states x^0..x^K (RL only)
-    log_probs: torch.Tensor | None  # [B, T, K] fp32 log-probs under the sampling policy (RL only)
+    log_probs: torch.Tensor | None  # [B, T, S] fp32 log-probs of the S scored steps (RL only; SampleResult)
     # outputs
     images: torch.Tensor  # [B, 3, H, W] uint8
     # provenance

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from base_model.errors import ConfigError, UserError
+from base_model.errors import ConfigError, UserError, write_error
 from base_model.sampler import SamplingConfig
 from base_model.schema import load_config, to_dict
+from base_model.sequence import check_sequence_fits, model_max_positions, prompt_tokenizer, truncation_note
 from rewards.base import RewardsConfig
 from rollout.pairs import PairConfig, prompt_rng, select_pairs
 from rollout.pools import PoolConfig
@@ -39,6 +40,10 @@ class PromptSourceConfig:
     path: str = "prompts/pickscore_train.txt"
     field: str = "prompt"  # jsonl / json / tsv / parquet column
     limit: int | None = 20000  # first `limit` unique prompts (None: all)
+
+    def validate(self, where: str = "prompts") -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"{where}.limit: must be >= 1 or null (all prompts), got {self.limit}")
 
 
 @dataclass
@@ -90,6 +95,9 @@ class BuildPrefsConfig:
             raise ConfigError(f"{where}.pairs.primary: 'composite' cannot rank with running-normalised rewards")
         if not self.model:
             raise ConfigError(f"{where}.model: required (a checkpoint directory or a preset)")
+        size = (self.sampling.image_size,) * 2
+        check_sequence_fits(self.sampling.max_prompt_tokens, size, model_max_positions(self.model),
+                            f"{where}.sampling.max_prompt_tokens")  # fmt: skip
 
     @property
     def images_per_shard(self) -> int:
@@ -99,6 +107,7 @@ class BuildPrefsConfig:
 def check_inputs(cfg: BuildPrefsConfig):
     """Everything that can be checked before any output exists: prompts, model and reward files."""
     from base_model.checkpoint import load_config as load_model_config
+    from base_model.checkpoint import verify_model_spec
     from rollout.prompts import load_prompts
 
     prompts = load_prompts(cfg.prompts.path, cfg.prompts.field, cfg.prompts.limit)
@@ -108,6 +117,7 @@ def check_inputs(cfg: BuildPrefsConfig):
                 raise UserError(f"reward '{spec.name}': {f.path} missing (expected {f.expected}; from {f.source})")
     if Path(cfg.model).exists() or "/" in cfg.model:
         load_model_config(cfg.model)  # missing directory or config.json -> CheckpointError naming it
+    verify_model_spec(cfg.model)  # every shard's header too: a corrupt one would kill the workers as they start
     return prompts
 
 
@@ -162,8 +172,13 @@ def write_shard(run: Path, index: int, rows: list[dict], reward_names: list[str]
 
     final = run / DATA_DIR / shard_name(index)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    pq.write_table(pa.Table.from_pylist(rows, schema=pairs_schema(reward_names)), tmp)
-    os.replace(tmp, final)
+    table = pa.Table.from_pylist(rows, schema=pairs_schema(reward_names))
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, final)
+    except OSError as e:  # disk full, quota, read-only: one line naming the shard, no partial file left
+        tmp.unlink(missing_ok=True)
+        raise (write_error(final, e) or e) from None
 
 
 def reward_table(output, reward_names: list[str]) -> dict[str, np.ndarray]:
@@ -177,68 +192,73 @@ def run_build_prefs(cfg: BuildPrefsConfig) -> Path:
     """The job. Returns the output directory."""
     from tqdm.auto import tqdm
 
-    from alignment.runs import MetricsLogger
+    from alignment.runs import MetricsLogger, lock_dir
     from rewards.worker import RewardWorker
     from rollout.pools import make_pool
     from rollout.worker import RolloutWorker
 
     prompts = check_inputs(cfg)
+    texts, limit = [p.text for p in prompts], cfg.sampling.max_prompt_tokens  # tokenizer read before any output
+    note = truncation_note("build-prefs", "sampling.max_prompt_tokens", prompt_tokenizer(cfg.model), texts, limit)
     shards = [prompts[s : s + cfg.prompts_per_shard] for s in range(0, len(prompts), cfg.prompts_per_shard)]
-    run = prepare_out_dir(cfg)
-    todo = [i for i in range(len(shards)) if not (run / DATA_DIR / shard_name(i)).is_file()]
-    done_prompts = len(prompts) - sum(len(shards[i]) for i in todo)
-    reward_names = [r.name for r in cfg.rewards.rewards] + ["composite"]
-    rp, wp = cfg.rollout.pool, cfg.rewards.pool
-    print(f"build-prefs: {len(prompts)} prompts x {cfg.samples_per_prompt} samples = "
-          f"{len(prompts) * cfg.samples_per_prompt} images in {len(shards)} shards of {cfg.prompts_per_shard} "
-          f"prompts ({len(shards) - len(todo)} already done); rollout {rp.kind} x {rp.num_workers}, "
-          f"rewards {wp.kind} x {wp.num_workers} -> {run}")  # fmt: skip
+    with lock_dir(cfg.out_dir, "build-prefs"):  # held for the job's life
+        run = prepare_out_dir(cfg)
+        todo = [i for i in range(len(shards)) if not (run / DATA_DIR / shard_name(i)).is_file()]
+        done_prompts = len(prompts) - sum(len(shards[i]) for i in todo)
+        reward_names = [r.name for r in cfg.rewards.rewards] + ["composite"]
+        rp, wp = cfg.rollout.pool, cfg.rewards.pool
+        print(f"build-prefs: {len(prompts)} prompts x {cfg.samples_per_prompt} samples = "
+              f"{len(prompts) * cfg.samples_per_prompt} images in {len(shards)} shards of {cfg.prompts_per_shard} "
+              f"prompts ({len(shards) - len(todo)} already done); rollout {rp.kind} x {rp.num_workers}, "
+              f"rewards {wp.kind} x {wp.num_workers} -> {run}")  # fmt: skip
+        if note:
+            print(note)
 
-    checkpoint = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
-    sampling_json = json.dumps(dataclasses.asdict(cfg.sampling), sort_keys=True)
-    logger = MetricsLogger(run, tensorboard=cfg.tensorboard, wandb=cfg.wandb)
-    if todo:
-        worker_kwargs = dict(model=cfg.model, sampling=cfg.sampling, device=cfg.rollout.device,
-                             dtype=cfg.rollout.dtype, micro_batch_samples=cfg.rollout.micro_batch_samples,
-                             run_seed=cfg.seed, num_threads=cfg.rollout.num_threads)  # fmt: skip
-        rollout_pool = make_pool(RolloutWorker, (), cfg.rollout.pool, worker_kwargs)
-        reward_pool = make_pool(RewardWorker, (cfg.rewards,), cfg.rewards.pool)
-        progress = tqdm(total=len(prompts), initial=done_prompts, unit="prompt", desc="build-prefs", smoothing=0.1)
-        # Stage 1 streams rollouts as they finish; stage 2 scores each on the reward pool; the driver
-        # picks pairs and writes the shard. Inputs are read lazily: only the shards in flight are held.
-        in_flight: dict[int, tuple[int, float, object]] = {}  # reward-call index -> (shard, start, batch)
-        started, new_prompts = time.time(), 0
+        checkpoint = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
+        sampling_json = json.dumps(dataclasses.asdict(cfg.sampling), sort_keys=True)
+        logger = MetricsLogger(run, tensorboard=cfg.tensorboard, wandb=cfg.wandb)
+        if todo:
+            worker_kwargs = dict(model=cfg.model, sampling=cfg.sampling, device=cfg.rollout.device,
+                                 dtype=cfg.rollout.dtype, micro_batch_samples=cfg.rollout.micro_batch_samples,
+                                 run_seed=cfg.seed, num_threads=cfg.rollout.num_threads)  # fmt: skip
+            rollout_pool = make_pool(RolloutWorker, (), cfg.rollout.pool, worker_kwargs)
+            reward_pool = make_pool(RewardWorker, (cfg.rewards,), cfg.rewards.pool)
+            progress = tqdm(total=len(prompts), initial=done_prompts, unit="prompt", desc="build-prefs", smoothing=0.1)
+            # Stage 1 streams rollouts as they finish; stage 2 scores each on the reward pool; the driver
+            # picks pairs and writes the shard. Inputs are read lazily: only the shards in flight are held.
+            in_flight: dict[int, tuple[int, float, object]] = {}  # reward-call index -> (shard, start, batch)
+            started, new_prompts = time.time(), 0
 
-        def rollouts():
-            calls = ((shards[i], cfg.samples_per_prompt) for i in todo)
-            for n, (k, batch) in enumerate(rollout_pool.imap_unordered("rollout", calls)):
-                in_flight[n] = (todo[k], time.time(), batch)
-                yield batch.images, batch.prompts
+            def rollouts():
+                calls = ((shards[i], cfg.samples_per_prompt) for i in todo)
+                for n, (k, batch) in enumerate(rollout_pool.imap_unordered("rollout", calls)):
+                    in_flight[n] = (todo[k], time.time(), batch)
+                    yield batch.images, batch.prompts
 
-        try:
-            for n, output in reward_pool.imap_unordered("score", rollouts()):
-                shard, _, batch = in_flight.pop(n)
-                scores = reward_table(output, reward_names)
-                rows = shard_rows(cfg, batch, scores, sampling_json, checkpoint)
-                write_shard(run, shard, rows, reward_names)
-                progress.update(len(shards[shard]))
-                done_prompts += len(shards[shard])
-                metrics = {f"reward/{name}/mean": float(s.mean()) for name, s in scores.items()}
-                new_prompts += len(shards[shard])
-                gaps = [r["chosen_reward"] - r["rejected_reward"] for r in rows]
-                metrics.update({
-                    "prefs/pairs": len(rows), "prefs/done_prompts": done_prompts,
-                    "prefs/primary_gap": float(np.mean(gaps)) if gaps else 0.0,
-                    "time/images_per_s": new_prompts * cfg.samples_per_prompt / max(time.time() - started, 1e-9),
-                })  # fmt: skip
-                logger.log(shard, metrics)
-        finally:
-            progress.close()
-            rollout_pool.shutdown()
-            reward_pool.shutdown()
-    logger.close()
-    manifest = write_manifest(run, cfg, len(prompts), len(shards), reward_names, checkpoint)
-    print(f"build-prefs: {manifest['num_pairs']} pairs from {manifest['num_prompts']} prompts in {run / DATA_DIR}")
+            try:
+                for n, output in reward_pool.imap_unordered("score", rollouts()):
+                    shard, _, batch = in_flight.pop(n)
+                    scores = reward_table(output, reward_names)
+                    rows = shard_rows(cfg, batch, scores, sampling_json, checkpoint)
+                    write_shard(run, shard, rows, reward_names)
+                    progress.update(len(shards[shard]))
+                    done_prompts += len(shards[shard])
+                    metrics = {f"reward/{name}/mean": float(s.mean()) for name, s in scores.items()}
+                    new_prompts += len(shards[shard])
+                    gaps = [r["chosen_reward"] - r["rejected_reward"] for r in rows]
+                    metrics.update({
+                        "prefs/pairs": len(rows), "prefs/done_prompts": done_prompts,
+                        "prefs/primary_gap": float(np.mean(gaps)) if gaps else 0.0,
+                        "time/images_per_s": new_prompts * cfg.samples_per_prompt / max(time.time() - started, 1e-9),
+                    })  # fmt: skip
+                    logger.log(shard, metrics)
+            finally:
+                progress.close()
+                rollout_pool.shutdown()
+                reward_pool.shutdown()
+        logger.close()
+        manifest = write_manifest(run, cfg, len(prompts), len(shards), reward_names, checkpoint)
+        print(f"build-prefs: {manifest['num_pairs']} pairs from {manifest['num_prompts']} prompts in {run / DATA_DIR}")
     return run
 
 

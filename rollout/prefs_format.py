@@ -87,28 +87,42 @@ def shard_paths(directory: str | Path) -> list[Path]:
     return sorted((path / DATA_DIR).glob(SHARD_GLOB)) if (path / DATA_DIR).is_dir() else []
 
 
+def sampled_image_size(sampling_json: str | None, where: str | Path) -> int:
+    """image_size of a row's `sampling` column (the sampler settings as JSON)."""
+    from base_model.errors import UserError
+
+    try:
+        size = json.loads(sampling_json)["image_size"]
+    except (TypeError, ValueError, KeyError):
+        raise UserError(f"{where}: column 'sampling' holds no sampler settings with an image_size") from None
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise UserError(f"{where}: column 'sampling' has image_size {size!r}, expected an integer")
+    return size
+
+
 def read_pairs(directory: str | Path) -> PreferencePairs:
     """All pairs of a build-prefs output directory (or one shard file)."""
-    import pyarrow.parquet as pq
-
     from base_model.errors import UserError
+    from rollout.tables import concat_same_schema, read_columns
 
     paths = shard_paths(directory)
     if not paths:
         raise UserError(f"no preference shards in {directory} (expected {DATA_DIR}/{SHARD_GLOB})")
-    cols = ["prompt", "chosen_tokens", "rejected_tokens", "chosen_reward", "rejected_reward", "sampling"]
-    try:
-        table = pa.concat_tables([pq.read_table(p, columns=cols) for p in paths])
-    except Exception as e:  # pyarrow: corrupt file or missing columns
-        raise UserError(f"{directory}: unreadable preference shards ({e})") from None
+    cols = {"prompt": "string", "chosen_tokens": "list", "rejected_tokens": "list", "chosen_reward": "number",
+            "rejected_reward": "number", "sampling": "string"}  # fmt: skip
+    tables = [read_columns(p, cols, "preference shard") for p in paths]  # one-line errors naming file and column
+    table = concat_same_schema(tables, paths)
     if table.num_rows == 0:
         raise UserError(f"{directory}: the preference dataset has no pairs")
-    sizes = {json.loads(s)["image_size"] for s in table.column("sampling").to_pylist()}
+    sizes = {sampled_image_size(s, directory) for s in table.column("sampling").to_pylist()}
     if len(sizes) != 1:
         raise UserError(f"{directory}: pairs of several image sizes {sorted(sizes)}")
 
     def tokens(name: str) -> torch.Tensor:
-        return torch.tensor(table.column(name).to_pylist(), dtype=torch.float32)
+        try:
+            return torch.tensor(table.column(name).to_pylist(), dtype=torch.float32)
+        except (ValueError, TypeError):  # ragged or null rows
+            raise UserError(f"{directory}: column '{name}' is not a [pairs, tokens, dims] array of numbers") from None
 
     return PreferencePairs(
         prompts=table.column("prompt").to_pylist(),

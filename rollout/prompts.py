@@ -31,6 +31,8 @@ def prompt_id(text: str) -> str:
 def load_prompts(path: str | Path, field_name: str = "prompt", limit: int | None = None) -> list[Prompt]:
     """Read, validate and de-duplicate the prompts of one file (first `limit` unique ones)."""
     path = Path(path)
+    if limit is not None and limit < 1:
+        raise UserError(f"{path}: prompt limit must be >= 1 (None: all), got {limit}")
     if not path.is_file():
         raise UserError(f"prompt file not found: {path}")
     suffix = path.suffix.lower()
@@ -118,12 +120,13 @@ def _read_tsv(path: Path, field_name: str):
 def _read_parquet(path: Path, field_name: str):
     import pyarrow.parquet as pq
 
+    from rollout.tables import first_line, read_columns
+
+    read_columns(path, {field_name: "string"}, "prompt file")  # one line naming a bad file or column
     try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several types for unreadable files
-        raise UserError(f"{path}: unreadable parquet ({e})") from None
-    if field_name not in table.column_names:
-        raise UserError(f"{path}: no '{field_name}' column (columns: {', '.join(table.column_names)})")
+        table = pq.read_table(path)  # all columns: the others become each prompt's metadata
+    except Exception as e:  # pyarrow: a corrupt page behind a readable schema
+        raise UserError(f"{path}: corrupt prompt file ({first_line(e)})") from None
     for i, row in enumerate(table.to_pylist(), start=1):
         yield i, *_split_record(row, field_name, path, i)
 

@@ -33,7 +33,7 @@ from base_model.schema import load_config, to_dict
 from shapes.splits import WorldDataConfig, image_split, partition, prompt_split, write_metadata, write_parquet
 from shapes.train_vae import VaeTrainConfig
 
-DETECTOR = "shapes.detect:ShapesDetector"
+DETECTOR = "shapes"  # the built-in name of shapes.detect.ShapesDetector in rewards.geneval
 
 
 @dataclass

@@ -8,7 +8,9 @@ circle ~pi/4, triangle ~1/2). Confidence is 1: the rules are exact, partial cred
 clause engine. Use from a rewards config:
 
     type: geneval
-    params: {metadata: <world>/data/metadata.jsonl, detector: "shapes.detect:ShapesDetector"}
+    params: {metadata: <world>/data/metadata.jsonl, detector: shapes}
+
+(`shapes` is a built-in name of `rewards.geneval.BUILTIN_DETECTORS`; configs name detectors, never import paths.)
 """
 
 from __future__ import annotations
@@ -80,8 +82,3 @@ class ShapesDetector:
                 shape = classify_fill(fill_of(part, box), self.square_above, self.circle_above)
                 found.append(Detection(shape, tuple(float(v) for v in box), 1.0, name, part))
         return found
-
-
-def shapes_detector(**kwargs) -> ShapesDetector:
-    """Factory for `detector: "shapes.detect:shapes_detector"` (kwargs = detector_args)."""
-    return ShapesDetector(**kwargs)

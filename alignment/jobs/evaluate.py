@@ -28,6 +28,7 @@ import numpy as np
 from base_model.errors import ConfigError, UserError
 from base_model.sampler import SamplingConfig
 from base_model.schema import load_config, to_dict
+from base_model.sequence import check_sequence_fits, model_max_positions, prompt_tokenizer, truncation_note
 from rewards.base import RewardsConfig
 from rollout.build_prefs import PromptSourceConfig, RolloutConfig
 from rollout.prefs_format import shard_name
@@ -74,6 +75,13 @@ class EvaluateConfig(EvalSettings):
         super().validate(where)
         if not self.checkpoints and not self.run_dir:
             raise ConfigError(f"{where}.checkpoints: name at least one checkpoint (or set run_dir)")
+        for spec in self.checkpoints:  # run directories are resolved (and read) later
+            check_sequence_fits(
+                self.sampling.max_prompt_tokens,
+                (self.sampling.image_size,) * 2,
+                model_max_positions(spec.split("=", 1)[-1]),
+                f"{where}.sampling.max_prompt_tokens",
+            )
 
 
 def checkpoint_name(spec: str) -> str:
@@ -199,38 +207,49 @@ def evaluate_checkpoints(settings: EvalSettings, out_dir: str | Path, checkpoint
     """The job: score every (checkpoint, shard) that is not on disk yet. Returns the output directory."""
     from tqdm.auto import tqdm
 
+    from alignment.runs import lock_dir
+    from base_model.checkpoint import verify_model_spec
     from rewards.worker import RewardWorker
     from rollout.pools import make_pool
 
     prompts = check_inputs(settings)  # prompt file and reward weight files, before anything is written
-    out = prepare_out_dir(settings, out_dir)
-    recorded = check_names(out, checkpoints)
-    per = settings.prompts_per_shard
-    shards = [prompts[s : s + per] for s in range(0, len(prompts), per)]
-    reward_names = [r.name for r in settings.rewards.rewards] + ["composite"]
+    for _, spec in checkpoints:  # shard headers too (select comes here as well): before any worker starts
+        verify_model_spec(spec)
+    note = checkpoints and truncation_note(  # the checkpoints compared share one tokenizer
+        "evaluate", "sampling.max_prompt_tokens", prompt_tokenizer(checkpoints[0][1]), [p.text for p in prompts],
+        settings.sampling.max_prompt_tokens,
+    )  # fmt: skip
+    with lock_dir(out_dir, "evaluate"):  # held while scores are written
+        out = prepare_out_dir(settings, out_dir)
+        recorded = check_names(out, checkpoints)
+        per = settings.prompts_per_shard
+        shards = [prompts[s : s + per] for s in range(0, len(prompts), per)]
+        reward_names = [r.name for r in settings.rewards.rewards] + ["composite"]
 
-    def path(name: str, index: int) -> Path:
-        return out / SCORES_DIR / name / shard_name(index)
+        def path(name: str, index: int) -> Path:
+            return out / SCORES_DIR / name / shard_name(index)
 
-    todo = {name: [i for i in range(len(shards)) if not path(name, i).is_file()] for name, _ in checkpoints}
-    done = sum(len(prompts) - sum(len(shards[i]) for i in todo[name]) for name, _ in checkpoints)
-    print(f"evaluate: {len(checkpoints)} checkpoints x {len(prompts)} prompts x {settings.samples_per_prompt} "
-          f"seeds, {len(shards)} shards each ({sum(len(shards) - len(t) for t in todo.values())} of "
-          f"{len(shards) * len(checkpoints)} already scored) -> {out}")  # fmt: skip
-    if any(todo.values()):
-        reward_pool = make_pool(RewardWorker, (settings.rewards,), settings.rewards.pool)
-        progress = tqdm(total=len(checkpoints) * len(prompts), initial=done, unit="prompt", desc="evaluate")
-        try:
-            for name, spec in checkpoints:
-                if todo[name]:
-                    progress.set_postfix(checkpoint=name)
-                    score_checkpoint(
-                        settings, name, spec, todo[name], shards, reward_pool, reward_names, path, progress
-                    )
-        finally:
-            progress.close()
-            reward_pool.shutdown()
-    write_manifest(out, settings, recorded, len(prompts), reward_names)
+        todo = {name: [i for i in range(len(shards)) if not path(name, i).is_file()] for name, _ in checkpoints}
+        done = sum(len(prompts) - sum(len(shards[i]) for i in todo[name]) for name, _ in checkpoints)
+        print(f"evaluate: {len(checkpoints)} checkpoints x {len(prompts)} prompts x {settings.samples_per_prompt} "
+              f"seeds, {len(shards)} shards each ({sum(len(shards) - len(t) for t in todo.values())} of "
+              f"{len(shards) * len(checkpoints)} already scored) -> {out}")  # fmt: skip
+        if note:
+            print(note)
+        if any(todo.values()):
+            reward_pool = make_pool(RewardWorker, (settings.rewards,), settings.rewards.pool)
+            progress = tqdm(total=len(checkpoints) * len(prompts), initial=done, unit="prompt", desc="evaluate")
+            try:
+                for name, spec in checkpoints:
+                    if todo[name]:
+                        progress.set_postfix(checkpoint=name)
+                        score_checkpoint(
+                            settings, name, spec, todo[name], shards, reward_pool, reward_names, path, progress
+                        )
+            finally:
+                progress.close()
+                reward_pool.shutdown()
+        write_manifest(out, settings, recorded, len(prompts), reward_names)
     return out
 
 

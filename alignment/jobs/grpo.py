@@ -32,9 +32,10 @@ import torch
 
 from alignment.grpo_parts import TrainPartConfig
 from alignment.learner import LearnerConfig
-from base_model.errors import ConfigError, UserError
+from base_model.errors import ConfigError
 from base_model.sampler import SamplingConfig
 from base_model.schema import load_config, to_dict
+from base_model.sequence import check_sequence_fits, model_max_positions, truncation_note
 from rewards.base import RewardsConfig
 from rollout.pools import PoolConfig
 
@@ -75,7 +76,12 @@ class GrpoConfig:
     inner_epochs: int = 1  # optimizer updates per rollout batch (1: strictly on-policy)
     clip_eps: float | None = None  # None: 1e-4 per latent dim (see the module docstring)
     beta: float = 0.04  # KL to the frozen reference; 0 skips the reference model
-    advantage_scale: str = "group"  # divide centred rewards by each group's std, the batch's, or "none"
+    # exact: KL summed over the 64 dims with the step's true variance; flow_grpo: flow_grpo's scale (mean
+    # over dims, sde variance without dt: D / dt = 640x smaller at K = 10), where its published beta applies
+    kl_scale: str = "exact"
+    # group: each group's std; global_std: flow_grpo's std of all raw rewards of the step; batch: RMS of
+    # the within-group-centred rewards; none: centred rewards only
+    advantage_scale: str = "group"
     train_with_cfg: bool = False  # NextStep-1.1 trains without CFG
     timestep_fraction: float = 1.0  # share of head steps trained per step (DanceGRPO 0.6)
     group_filter: GroupFilterConfig = field(default_factory=GroupFilterConfig)
@@ -98,12 +104,18 @@ class GrpoConfig:
         if self.samples_per_prompt < 2:
             raise ConfigError(f"{where}.samples_per_prompt: a group needs >= 2 samples, got {self.samples_per_prompt}")
         self._validate_sizes(where)
+        check_sequence_fits(self.sampling.max_prompt_tokens, (self.sampling.image_size,) * 2,
+                            model_max_positions(self.model), f"{where}.sampling.max_prompt_tokens")  # fmt: skip
         if self.clip_eps is not None and self.clip_eps <= 0:
             raise ConfigError(f"{where}.clip_eps: must be > 0, got {self.clip_eps}")
         if self.beta < 0:
             raise ConfigError(f"{where}.beta: must be >= 0, got {self.beta}")
-        if self.advantage_scale not in ("group", "batch", "none"):
-            raise ConfigError(f"{where}.advantage_scale: 'group', 'batch' or 'none', got {self.advantage_scale!r}")
+        if self.advantage_scale not in ("group", "global_std", "batch", "none"):
+            raise ConfigError(
+                f"{where}.advantage_scale: 'group', 'global_std', 'batch' or 'none', got {self.advantage_scale!r}"
+            )
+        if self.kl_scale not in ("exact", "flow_grpo"):
+            raise ConfigError(f"{where}.kl_scale: 'exact' or 'flow_grpo', got {self.kl_scale!r}")
         if self.sampling.uses_cfg and not self.train_with_cfg:
             raise ConfigError(
                 f"{where}.train_with_cfg: sampling.cfg_scale={self.sampling.cfg_scale} samples the guided policy, so "
@@ -140,7 +152,7 @@ class GrpoConfig:
             )
 
     def _validate_train_part(self, where: str) -> None:
-        part, k, t = self.train_part, self.sampling.num_head_steps, self.num_image_tokens
+        part, k, t = self.train_part, self.sampling.num_scored_steps, self.num_image_tokens  # trainable steps
         if part.kind == "token_prefix" and not 1 <= part.prefix <= t:
             raise ConfigError(f"{where}.prefix: token_prefix needs 1..{t} image tokens, got {part.prefix}")
         if part.kind == "step_prefix" and not 1 <= part.prefix <= k:
@@ -201,9 +213,27 @@ def describe(cfg: GrpoConfig, num_prompts: int) -> str:
         f"grpo: {num_prompts} prompts; {cfg.prompts_per_step} prompts x {cfg.samples_per_prompt} samples = "
         f"{cfg.samples_per_step} samples/step in up to {steps_per_update} micro batches of {cfg.micro_batch_samples}; "
         f"{cfg.inner_epochs} update(s)/step; {cfg.num_image_tokens} tokens x {s.num_head_steps} head steps "
-        f"({s.sde_kind}, log-prob {s.logprob_reduction}, clip_eps {cfg.resolved_clip_eps:g}); beta {cfg.beta:g}; "
+        f"({s.time_grid} grid, {s.num_scored_steps} trained; {s.sde_kind}, log-prob {s.logprob_reduction}, "
+        f"clip_eps {cfg.resolved_clip_eps:g}); "
+        f"beta {cfg.beta:g} ({cfg.kl_scale} KL); "
         f"train part {part.kind}{soft}; {cfg.rollout_pool.num_workers} {cfg.rollout_pool.kind} rollout / "
         f"{cfg.reward_pool.num_workers} {cfg.reward_pool.kind} reward workers; {cfg.steps} steps"
+    )
+
+
+def precision_note(cfg: GrpoConfig) -> str | None:
+    """A one-line warning when rollouts and the learner run in different dtypes, else None.
+
+    The learner then re-scores each chain with other numerics than the sampler's, so the ratio is not
+    1 on an untouched policy (bf16 rollouts, fp32 learner: ~3e-3 mean log-prob gap, ~11% of cells
+    clipped before any update); `grpo/clip_frac_on_policy` and `grpo/logprob_diff` show how much.
+    """
+    learner = "bfloat16" if cfg.learner.bf16 else "float32"
+    if cfg.rollout.dtype == learner:
+        return None
+    return (
+        f"grpo: warning: rollout.dtype {cfg.rollout.dtype} but the learner runs in {learner} "
+        f"(learner.bf16: {cfg.learner.bf16}); log-probs differ before any update, see grpo/clip_frac_on_policy"
     )
 
 
@@ -215,11 +245,12 @@ class GrpoTrainer:
         from alignment.grpo_parts import GrpoRolloutWorker
         from alignment.learner import Learner
         from alignment.runs import TrainerState
-        from base_model.checkpoint import resolve_model
+        from base_model.checkpoint import resolve_model, verify_model_spec
         from rewards.worker import RewardWorker
         from rollout.pools import make_pool
 
         self.cfg, self.prompts = cfg, prompts
+        verify_model_spec(cfg.model)  # config and shard headers, before the rollout workers load them
         self.rollout_pool = make_pool(
             GrpoRolloutWorker, (cfg.model, cfg.sampling, cfg.rollout.device, cfg.rollout.dtype,
                                 cfg.rollout.micro_batch_samples, cfg.seed), cfg.rollout_pool,
@@ -235,6 +266,7 @@ class GrpoTrainer:
             dtype = torch.bfloat16 if cfg.learner.bf16 else torch.float32
             self.ref_model.place(device=next(self.learner.model.parameters()).device, dtype=dtype)
         self.state = TrainerState()
+        self.logger = None  # opened by open_run
 
     def open_run(self, run: Path) -> None:
         """Resume from the run's `latest` checkpoint if any, open the metrics, hand weights to the workers."""
@@ -322,7 +354,8 @@ class GrpoTrainer:
             metrics["grpo/kept_groups"] = float(keep.sum())
             if not keep.any():
                 continue
-            advantages = group_advantages(grouped[keep], scale=cfg.advantage_scale).flatten()  # [B_kept]
+            # over every group of the step, then the kept ones: global_std's std is of all the step's rewards
+            advantages = group_advantages(grouped, scale=cfg.advantage_scale)[keep].flatten()  # [B_kept]
             kept = batch.select(keep.repeat_interleave(g).nonzero().flatten())
             n, mb = len(kept), cfg.micro_batch_samples
             num_micro = -(-n // mb)
@@ -335,6 +368,9 @@ class GrpoTrainer:
             out = self.learner.step(micro, self.loss_fn)
             if updated:  # keep the first update's on-policy health check; the rest from the last update
                 out.pop("grpo/logprob_diff", None)
+                out.pop("grpo/clip_frac_on_policy", None)
+            elif "grpo/clip_frac" in out:  # before any update: nonzero means rollout and learner disagree
+                out["grpo/clip_frac_on_policy"] = out["grpo/clip_frac"]
             updated = True
             metrics.update(out)
             metrics["grpo/trained_cells"] = float((weights > 0).float().mean())
@@ -346,7 +382,7 @@ class GrpoTrainer:
         cfg, bundle = self.cfg, self.bundle
         loss, metrics = grpo_objective(
             model, self.ref_model, bundle.tokenizer, bundle.ids, mb.batch, mb.advantages, mb.weights,
-            cfg.resolved_clip_eps, cfg.beta, cfg.train_with_cfg,
+            cfg.resolved_clip_eps, cfg.beta, cfg.train_with_cfg, cfg.kl_scale,
         )  # fmt: skip
         return loss * mb.scale, metrics
 
@@ -356,9 +392,9 @@ class GrpoTrainer:
         self.rollout_pool.call_all("load_weights", weights, self.state.policy_version, sticky=True)
 
     def save(self) -> None:
-        from alignment.runs import checkpoint_dir, finish_checkpoint, save_published
+        from alignment.runs import finish_checkpoint, save_published, staging_dir
 
-        step_dir = checkpoint_dir(self.run, self.state.step)
+        step_dir = staging_dir(self.run, self.state.step)  # renamed to step_N by finish_checkpoint
         dtype = torch.bfloat16 if self.cfg.learner.bf16 else None
         save_published(self.bundle, self.learner.policy_weights(), step_dir / "model", dtype)
         self.learner.save_state(step_dir)
@@ -367,7 +403,8 @@ class GrpoTrainer:
         finish_checkpoint(self.run, step_dir, self.state, self.cfg.keep_last)
 
     def close(self) -> None:
-        self.logger.close()
+        if self.logger is not None:  # None when the run directory was refused before open_run
+            self.logger.close()
         self.rollout_pool.shutdown()
         self.reward_pool.shutdown()
 
@@ -386,53 +423,70 @@ def run_grpo(cfg: GrpoConfig) -> Path:
 
     from alignment.grpo_parts import reward_metrics
     from alignment.learner import NonFiniteLossError
-    from alignment.runs import latest_checkpoint, prepare_run_dir
+    from alignment.runs import lock_dir, nonfinite_stop, prepare_run_dir
     from rollout.prompts import load_prompts
 
     prompts = load_prompts(cfg.prompts, cfg.prompt_field)  # bad input fails before the run dir exists
     print(describe(cfg, len(prompts)))
+    if note := precision_note(cfg):
+        print(note)
     trainer = GrpoTrainer(cfg, prompts)  # reward files, model: still nothing written on failure
+    texts, limit = [p.text for p in prompts], cfg.sampling.max_prompt_tokens
+    if note := truncation_note("grpo", "sampling.max_prompt_tokens", trainer.bundle.tokenizer, texts, limit):
+        print(note)
     try:
-        run = prepare_run_dir(cfg.runs_root, cfg.run_name, to_dict(cfg))
-        trainer.open_run(run)
-        state = trainer.state
-        progress = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps, desc="grpo")
-        for _ in progress:
-            times = {}
-            t0 = time.perf_counter()
-            batch = trainer.rollout(trainer.draw_prompts())
-            times["rollout"] = (t1 := time.perf_counter()) - t0
-            rewards = trainer.score(batch)
-            times["reward"] = (t2 := time.perf_counter()) - t1
-            values, value_metrics = None, {}
-            if trainer.needs_soft_values():  # train_part.soft_value_samples: continue every prefix, score
-                values, value_metrics = trainer.soft_values(batch)
-                now = time.perf_counter()
-                times["soft_value"], t2 = now - t2, now
-            try:
-                metrics = trainer.update(batch, rewards.scores, values)
-            except NonFiniteLossError as e:
-                last = latest_checkpoint(run)
-                raise UserError(f"stopped: {e}; last good checkpoint: {last.name if last else 'none'}") from None
-            times["learn"] = (t3 := time.perf_counter()) - t2
-            state.consumed_prompts += cfg.prompts_per_step
-            state.step += 1
-            state.num_skipped_steps = trainer.learner.num_skipped
-            if "train/grad_norm" in metrics:  # an update happened: new weights, new version
-                state.policy_version += 1
-                trainer.sync_weights()
-            times["sync"] = time.perf_counter() - t3
-            total = sum(times.values())
-            metrics.update(reward_metrics(rewards))
-            metrics.update(value_metrics)
-            metrics.update({f"time/{k}_s": v for k, v in times.items()})
-            metrics.update({f"time/{k}_share": v / total for k, v in times.items()})
-            metrics["samples/s"] = cfg.samples_per_step / total
-            metrics["policy_version"] = float(state.policy_version)
-            trainer.logger.log(state.step, metrics)
-            progress.set_postfix(reward=f"{metrics['reward/mean']:.4f}")
-            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
-                trainer.save()
+        with lock_dir(Path(cfg.runs_root) / cfg.run_name, "grpo"):  # held for the job's life
+            run = prepare_run_dir(cfg.runs_root, cfg.run_name, to_dict(cfg))
+            trainer.open_run(run)
+            state = trainer.state
+            # a step whose every update was skipped for a non-finite loss is no step: its prompts are passed
+            # over, with no metrics row and no checkpoint, until too many in a row stop the job
+            progress = tqdm(initial=state.step, total=cfg.steps, desc="grpo")
+            while state.step < cfg.steps:
+                times = {}
+                t0 = time.perf_counter()
+                batch = trainer.rollout(trainer.draw_prompts())
+                times["rollout"] = (t1 := time.perf_counter()) - t0
+                rewards = trainer.score(batch)
+                times["reward"] = (t2 := time.perf_counter()) - t1
+                values, value_metrics = None, {}
+                if trainer.needs_soft_values():  # train_part.soft_value_samples: continue every prefix, score
+                    values, value_metrics = trainer.soft_values(batch)
+                    now = time.perf_counter()
+                    times["soft_value"], t2 = now - t2, now
+                updates_before, skipped_before = trainer.learner.step_count, trainer.learner.num_skipped
+                try:
+                    metrics = trainer.update(batch, rewards.scores, values)
+                except NonFiniteLossError as e:
+                    progress.close()  # the error line then starts a line of its own
+                    raise nonfinite_stop(run, e) from None
+                times["learn"] = (t3 := time.perf_counter()) - t2
+                if state.step == 0 and "grpo/clip_frac_on_policy" in metrics:  # once: the rollout/learner gap
+                    diff = metrics.get("grpo/logprob_diff", float("nan"))
+                    print(f"grpo: step 0, before any update: {metrics['grpo/clip_frac_on_policy']:.1%} of trained "
+                          f"cells clipped, mean |log-prob diff| {diff:.2e}")  # fmt: skip
+                state.consumed_prompts += cfg.prompts_per_step
+                if trainer.learner.num_skipped > skipped_before and trainer.learner.step_count == updates_before:
+                    continue
+                state.step += 1
+                state.num_skipped_steps = trainer.learner.num_skipped
+                if "train/grad_norm" in metrics:  # an update happened: new weights, new version
+                    state.policy_version += 1
+                    trainer.sync_weights()
+                times["sync"] = time.perf_counter() - t3
+                total = sum(times.values())
+                metrics.update(reward_metrics(rewards))
+                metrics.update(value_metrics)
+                metrics.update({f"time/{k}_s": v for k, v in times.items()})
+                metrics.update({f"time/{k}_share": v / total for k, v in times.items()})
+                metrics["samples/s"] = cfg.samples_per_step / total
+                metrics["policy_version"] = float(state.policy_version)
+                trainer.logger.log(state.step, metrics)
+                progress.update(1)
+                progress.set_postfix(reward=f"{metrics['reward/mean']:.4f}")
+                if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+                    trainer.save()
+            progress.close()
     finally:
         trainer.close()
     return run

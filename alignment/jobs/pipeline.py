@@ -12,7 +12,9 @@ that fails stops the pipeline with its own message, and the jobs' own resume app
 command again and finished stages are skipped (<out_dir>/pipeline.json records each one with a key of
 its command line, its config text and the keys of the stages before it), an interrupted one resumes
 from its last checkpoint. A finished stage whose key changed (its config, its overrides or an earlier
-stage changed) is refused before anything runs: its outputs would be stale.
+stage changed) is refused before anything runs: its outputs would be stale. A second pipeline on the
+same out_dir stops at once, naming the first one's pid (<out_dir>/.pipeline.lock; each job also locks
+its own directory).
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from pathlib import Path
 from typing import Literal
 
 from alignment.cli import SUBCOMMANDS
-from alignment.runs import atomic_write_text
+from alignment.runs import atomic_write_text, lock_dir
 from base_model.errors import ConfigError, UserError
 from base_model.schema import load_config
 
+PIPELINE_LOCK = ".pipeline.lock"
 Job = Literal["sft", "build-prefs", "dpo", "grpo", "evaluate", "select"]
 
 # job -> its config class in the job's module (alignment.cli.SUBCOMMANDS): every stage's config is
@@ -216,45 +219,46 @@ def format_delta(delta: tuple[float, float, float] | None) -> str:
 def run_pipeline(cfg: PipelineConfig) -> Path:
     loaded = check_stage_configs(cfg)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(out)
-    # (name, nsalign argv, key: None = always rerun, as the dashboard must to see what the stages wrote)
-    stages: list[tuple[str, list[str], str | None]] = []
-    if cfg.world.config:
-        argv = ["shapes-world", cfg.world.config, "--out", cfg.world.out, "--data-only"]
-        stages.append(("world", argv, stage_key(argv, cfg.world.config)))
-    for s in cfg.stages:
-        argv = [s.job, s.config, *cfg.overrides_of(s)]
-        stages.append((s.name, argv, stage_key(argv, s.config)))
-    if cfg.dashboard.out:
-        extra = ["--baseline", cfg.dashboard.baseline] if cfg.dashboard.baseline else []
-        stages.append(("dashboard", ["dashboard", *cfg.dashboard.inputs, "--out", cfg.dashboard.out, *extra], None))
-    stages = chain_keys(stages)
-    stale = [name for name, _, key in stages if ledger.stale(name, key)]
-    if stale:
-        raise UserError(
-            f"stage '{stale[0]}' finished earlier with other inputs (its command line, its config or an earlier "
-            "stage changed since); its outputs would be stale, and a job's own resume keeps what it finds. To redo "
-            f"it, delete its outputs and those of every later stage and their entries in {ledger.path}, or use a "
-            "new out_dir"
-        )
-    for name, argv, key in stages:
-        if ledger.done(name, key):
-            print(f"pipeline: stage {name}: done earlier, skipped", flush=True)
-            continue
-        ledger.record(name, key, run_stage(name, argv, cfg.env))
-    print("\npipeline: wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in ledger.wall_times().items()))
-    if cfg.report.eval_dir:
-        table, _ = comparison_table(cfg.report)
-        report = Path(cfg.report.out or out / "report.md")
-        report.write_text(table, encoding="utf-8")
-        print("\n" + table + f"(also in {report})")
-    for stage in cfg.stages:
-        if stage.job == "select":
-            print(f"pipeline: selection report ({stage.name}): {Path(loaded[stage.name].run_dir) / 'selection.md'}")
-    if cfg.dashboard.out:
-        print(f"pipeline: dashboard: {Path(cfg.dashboard.out) / 'index.html'} (open it in a browser; "
-              f"`nsalign dashboard ... --serve` serves it on 127.0.0.1)")  # fmt: skip
+    # its own lock file: a stage (another process) may use out_dir itself as its directory
+    with lock_dir(out, "pipeline", lock_name=PIPELINE_LOCK):
+        ledger = Ledger(out)
+        # (name, nsalign argv, key: None = always rerun, as the dashboard must to see what the stages wrote)
+        stages: list[tuple[str, list[str], str | None]] = []
+        if cfg.world.config:
+            argv = ["shapes-world", cfg.world.config, "--out", cfg.world.out, "--data-only"]
+            stages.append(("world", argv, stage_key(argv, cfg.world.config)))
+        for s in cfg.stages:
+            argv = [s.job, s.config, *cfg.overrides_of(s)]
+            stages.append((s.name, argv, stage_key(argv, s.config)))
+        if cfg.dashboard.out:
+            extra = ["--baseline", cfg.dashboard.baseline] if cfg.dashboard.baseline else []
+            stages.append(("dashboard", ["dashboard", *cfg.dashboard.inputs, "--out", cfg.dashboard.out, *extra], None))
+        stages = chain_keys(stages)
+        stale = [name for name, _, key in stages if ledger.stale(name, key)]
+        if stale:
+            raise UserError(
+                f"stage '{stale[0]}' finished earlier with other inputs (its command line, its config or an earlier "
+                "stage changed since); its outputs would be stale, and a job's own resume keeps what it finds. To redo "
+                f"it, delete its outputs and those of every later stage and their entries in {ledger.path}, or use a "
+                "new out_dir"
+            )
+        for name, argv, key in stages:
+            if ledger.done(name, key):
+                print(f"pipeline: stage {name}: done earlier, skipped", flush=True)
+                continue
+            ledger.record(name, key, run_stage(name, argv, cfg.env))
+        print("\npipeline: wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in ledger.wall_times().items()))
+        if cfg.report.eval_dir:
+            table, _ = comparison_table(cfg.report)
+            report = Path(cfg.report.out or out / "report.md")
+            report.write_text(table, encoding="utf-8")
+            print("\n" + table + f"(also in {report})")
+        for stage in cfg.stages:
+            if stage.job == "select":
+                print(f"pipeline: selection report ({stage.name}): {Path(loaded[stage.name].run_dir) / 'selection.md'}")
+        if cfg.dashboard.out:
+            print(f"pipeline: dashboard: {Path(cfg.dashboard.out) / 'index.html'} (open it in a browser; "
+                  f"`nsalign dashboard ... --serve` serves it on 127.0.0.1)")  # fmt: skip
     return out
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from alignment.jobs.evaluate import PRESETS, EvalSettings, evaluate_checkpoints, run_checkpoints
 from base_model.errors import ConfigError, UserError
 from base_model.schema import load_config
+from base_model.sequence import DEFAULT_MAX_PROMPT_TOKENS, check_sequence_fits
 
 
 @dataclass
@@ -38,6 +39,11 @@ class HeldoutConfig:
     max_pairs: int = 256
     micro_batch_samples: int = 8
     seed: int = 0  # fixes t and noise: every candidate sees the same draws (paired)
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS  # as the SFT run's: longer captions keep their first N tokens
+
+    def validate(self, where: str = "heldout") -> None:
+        check_sequence_fits(self.max_prompt_tokens, (self.image_size, self.image_size), None,
+                            f"{where}.max_prompt_tokens")  # fmt: skip
 
 
 @dataclass
@@ -153,7 +159,8 @@ def heldout_fm_loss(cfg: HeldoutConfig, spec: str, device: str) -> float:
         for s in range(0, len(captions), cfg.micro_batch_samples):
             chunk = images[s : s + cfg.micro_batch_samples].to(device).float() / 127.5 - 1  # [b, 3, S, S]
             tokens = bundle.vae.encode(chunk)  # [b, T, 64]
-            batch = build_prompt_batch(bundle.tokenizer, bundle.ids, captions[s : s + len(chunk)], size, False)
+            batch = build_prompt_batch(bundle.tokenizer, bundle.ids, captions[s : s + len(chunk)], size, False,
+                                       max_prompt_tokens=cfg.max_prompt_tokens)  # fmt: skip
             out = sft_loss(bundle.model, batch, bundle.ids, tokens, generator=gen)
             losses.append(float(out.flow_matching) * len(chunk))
     return sum(losses) / len(captions)
@@ -206,54 +213,61 @@ def choose(figures: dict[str, dict]) -> tuple[str, list[str]]:
 
 def run_select(cfg: SelectConfig) -> Path:
     """The job. Returns the run directory."""
-    from alignment.runs import atomic_write_text
+    from alignment.runs import atomic_write_text, lock_dir
+    from base_model.checkpoint import remove_partial_writes
     from dashboard.data import read_eval
 
     run = Path(cfg.run_dir)
     steps = run_checkpoints(run)
-    out = run / "select"
-    candidates = [("base", base_spec(cfg, run))] + steps
-    ema = find_ema(run) if cfg.ema else None
-    notes = []
-    if ema:
-        candidates.append(("ema", ema))
-    elif cfg.ema:
-        notes.append("The run saved no EMA weights (looked for ema/ and step_*/ema/): no EMA candidate.")
-    print(f"select: {len(candidates)} candidates ({', '.join(n for n, _ in candidates)}) of {run}")
-    evaluate_checkpoints(cfg.eval, out / "eval", candidates)
+    with lock_dir(run, "select"):  # the run gets selection.*, `selected` and select/: one writer at a time
+        out = run / "select"
+        for soup in out.glob("soup-*"):  # what a killed soup write left
+            remove_partial_writes(soup)
+        candidates = [("base", base_spec(cfg, run))] + steps
+        ema = find_ema(run) if cfg.ema else None
+        notes = []
+        if ema:
+            candidates.append(("ema", ema))
+        elif cfg.ema:
+            notes.append("The run saved no EMA weights (looked for ema/ and step_*/ema/): no EMA candidate.")
+        print(f"select: {len(candidates)} candidates ({', '.join(n for n, _ in candidates)}) of {run}")
+        evaluate_checkpoints(cfg.eval, out / "eval", candidates)
 
-    def primary_mean(name: str) -> float:
-        return float(read_eval(out / "eval", [name]).scores[cfg.primary][0].mean())
+        def primary_mean(name: str) -> float:
+            return float(read_eval(out / "eval", [name]).scores[cfg.primary][0].mean())
 
-    soup = {"candidate": None, "trials": []}
-    if cfg.soup.enabled and len(steps) >= 2:
-        soup = greedy_soup(cfg, out, steps, primary_mean)
-        if soup["candidate"]:
-            candidates.append(soup["candidate"])
-        else:
-            notes.append("The greedy soup kept a single checkpoint (every average scored lower): no soup candidate.")
-    specs = dict(candidates)
-    results = read_eval(out / "eval", list(specs))
-    if not results.complete:
-        raise UserError(f"{out / 'eval'}: candidates were scored on different rows; delete it and re-run")
-    figures = candidate_figures(cfg, results, specs)
-    chosen, ranking = choose(figures)
-    if not cfg.heldout.path:
-        notes.append("heldout.path is empty: the held-out flow-matching loss guard was not measured.")
-    report = {
-        "run_dir": str(run), "primary": cfg.primary, "chosen": chosen, "chosen_path": specs[chosen],
-        "ranking": ranking, "candidates": figures, "soup": soup["trials"], "notes": notes,
-        "guards": {k: getattr(cfg.guards, k) for k in ("max_fm_loss_increase", "max_diversity_drop", "min_win_rate")},
-        "num_rows": len(results.prompt_ids), "eval_dir": str(out / "eval"),
-    }  # fmt: skip
-    report["reason"] = reason(report)
-    atomic_write_text(run / "selection.json", json.dumps(report, indent=2))
-    atomic_write_text(run / "selection.md", markdown(report))
-    pointer = specs[chosen]
-    if pointer not in PRESETS and Path(pointer).resolve().is_relative_to(run.resolve()):
-        pointer = str(Path(pointer).resolve().relative_to(run.resolve()))
-    atomic_write_text(run / "selected", pointer + "\n")  # last: a crash before it keeps the old choice
-    print(f"select: chose {chosen} ({report['reason']}); see {run / 'selection.md'}")
+        soup = {"candidate": None, "trials": []}
+        if cfg.soup.enabled and len(steps) >= 2:
+            soup = greedy_soup(cfg, out, steps, primary_mean)
+            if soup["candidate"]:
+                candidates.append(soup["candidate"])
+            else:
+                notes.append(
+                    "The greedy soup kept a single checkpoint (every average scored lower): no soup candidate."
+                )
+        specs = dict(candidates)
+        results = read_eval(out / "eval", list(specs))
+        if not results.complete:
+            raise UserError(f"{out / 'eval'}: candidates were scored on different rows; delete it and re-run")
+        figures = candidate_figures(cfg, results, specs)
+        chosen, ranking = choose(figures)
+        if not cfg.heldout.path:
+            notes.append("heldout.path is empty: the held-out flow-matching loss guard was not measured.")
+        report = {
+            "run_dir": str(run), "primary": cfg.primary, "chosen": chosen, "chosen_path": specs[chosen],
+            "ranking": ranking, "candidates": figures, "soup": soup["trials"], "notes": notes,
+            "guards": {k: getattr(cfg.guards, k)
+                       for k in ("max_fm_loss_increase", "max_diversity_drop", "min_win_rate")},
+            "num_rows": len(results.prompt_ids), "eval_dir": str(out / "eval"),
+        }  # fmt: skip
+        report["reason"] = reason(report)
+        atomic_write_text(run / "selection.json", json.dumps(report, indent=2))
+        atomic_write_text(run / "selection.md", markdown(report))
+        pointer = specs[chosen]
+        if pointer not in PRESETS and Path(pointer).resolve().is_relative_to(run.resolve()):
+            pointer = str(Path(pointer).resolve().relative_to(run.resolve()))
+        atomic_write_text(run / "selected", pointer + "\n")  # last: a crash before it keeps the old choice
+        print(f"select: chose {chosen} ({report['reason']}); see {run / 'selection.md'}")
     return run
 
 

@@ -18,7 +18,7 @@ from alignment.grpo_parts import (
     split_prompts,
     train_weights,
 )
-from alignment.jobs.grpo import GrpoConfig, GrpoTrainer, _group_chunks, run_grpo
+from alignment.jobs.grpo import GrpoConfig, GrpoTrainer, _group_chunks, precision_note, run_grpo
 from alignment.runs import TrainerState
 from base_model.checkpoint import load_checkpoint
 from base_model.sampler import SamplingConfig
@@ -122,6 +122,8 @@ def test_update_trains_the_prefix_on_soft_values_and_the_suffix_on_rewards():
         (["sampling.cfg_scale=3.0"], "train_with_cfg: sampling.cfg_scale=3.0 samples the guided policy"),
         (["micro_batch_samples=3"], "micro_batch_samples: 3 does not split"),
         (["beta=high"], "beta: expected a number"),
+        (["kl_scale=flowgrpo"], "kl_scale: 'exact' or 'flow_grpo', got 'flowgrpo'"),
+        (["advantage_scale=global"], "advantage_scale: 'group', 'global_std', 'batch' or 'none'"),
         (["train_part.kind=step_prefix", "train_part.prefix=9"], "train_part.prefix"),
         (["prompts=nowhere.txt"], "prompt file not found"),
         (["train_part.soft_value_sample=2"], "train_part: unknown key 'soft_value_sample'"),
@@ -208,3 +210,22 @@ def test_soft_value_run_logs_its_metrics_in_prefix_updates_only(tmp_path):
         assert row["grpo/soft_value/mean"] >= row["grpo/continuation_reward/mean"] - 1e-6  # log-mean-exp >= mean
     assert "grpo/soft_value/mean" not in rows[1] and "time/soft_value_s" not in rows[1]  # suffix: no continuations
     assert rows[0]["grpo/logprob_diff"] < 1e-4
+
+
+def test_precision_note_warns_only_when_rollout_and_learner_dtypes_differ(tmp_path):
+    assert precision_note(_cfg(tmp_path, "same")) is None  # float32 rollouts, fp32 learner
+    note = precision_note(_cfg(tmp_path, "mixed", "rollout.dtype=bfloat16"))
+    assert note.startswith("grpo: warning: rollout.dtype bfloat16 but the learner runs in float32") and "\n" not in note
+    assert precision_note(_cfg(tmp_path, "both", "rollout.dtype=bfloat16", "learner.bf16=true")) is None
+
+
+@pytest.mark.deepspeed
+def test_cps_with_kl_trains_and_logs_the_on_policy_clip_share(tmp_path, capsys):
+    """The issue's repro (`sampling.sde_kind=cps`, beta 0.01) used to stop on non-finite losses at the
+    last CPS step (std 0); now every step updates, the KL is finite, and step 0's clipped share is logged."""
+    run = run_grpo(_cfg(tmp_path, "cps", "steps=2", "sampling.sde_kind=cps"))
+    rows = _rows(run)
+    assert [r["policy_version"] for r in rows] == [1.0, 2.0] and all(r["train/skipped_nonfinite"] == 0 for r in rows)
+    assert all(math.isfinite(r["grpo/kl"]) for r in rows) and rows[1]["grpo/kl"] > 0
+    assert rows[0]["grpo/clip_frac_on_policy"] == 0.0  # fp32 rollouts and learner agree
+    assert "grpo: step 0, before any update: 0.0% of trained cells clipped" in capsys.readouterr().out

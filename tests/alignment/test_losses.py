@@ -72,7 +72,7 @@ def test_keep_groups():
 def test_grpo_on_policy_loss_is_minus_mean_weighted_advantage_and_clip():
     lp = torch.zeros(2, 3, 4, requires_grad=True)
     adv = torch.tensor([1.0, -2.0])
-    out = grpo_loss(lp, lp.detach(), adv, torch.ones(3, 4), clip_eps=0.2)
+    out = grpo_loss(lp, lp.detach(), adv, torch.full((3, 4), 0.25), clip_eps=0.2)  # 1 / n_t, n_t = 4 (alpha 1)
     assert float(out.loss) == pytest.approx(-(1.0 - 2.0) / 2)  # ratio 1: -mean(A)
     assert float(out.clip_frac) == 0.0 and float(out.approx_kl) == pytest.approx(0.0)
     # ratio e^0.5 > 1.2 with A > 0 is clipped: surrogate = 1.2 * A
@@ -116,3 +116,72 @@ def test_prefix_suffix_alternation_and_soft_value():
     assert [prefix_phase(i) for i in range(5)] == ["prefix", "prefix", "prefix", "suffix", "prefix"]
     # V = log mean exp(R): R = (0, log 3) -> log((1 + 3) / 2) = log 2
     assert float(soft_value(torch.tensor([0.0, math.log(3.0)]))) == pytest.approx(math.log(2.0))
+
+
+def test_grpo_loss_changes_with_alpha_by_hand():
+    """step_prefix 2 of K = 4 head steps, T = 2 tokens, ratio 1, A = 1: each token has n_t = 2 trained
+    cells of weight 2^-alpha, so a token's loss is -2 * 2^-alpha and the loss (mean over the 2 tokens) is
+    -2^(1 - alpha): alpha 1 -> -1 (the mean over cells), 0.5 -> -sqrt 2 = -1.414214, 0 -> -2 (the sum)."""
+    mask = trained_mask("step_prefix", 2, 4, prefix=2)
+    lp = torch.zeros(1, 2, 4)
+    losses = {}
+    for alpha in (1.0, 0.5, 0.0):
+        w = step_weights(mask, alpha)
+        torch.testing.assert_close(w, torch.tensor([[2**-alpha, 2**-alpha, 0.0, 0.0]] * 2))
+        losses[alpha] = float(grpo_loss(lp, lp, torch.tensor([1.0]), w, clip_eps=0.1).loss)
+    assert losses == pytest.approx({1.0: -1.0, 0.5: -math.sqrt(2), 0.0: -2.0})
+
+
+def test_grpo_untrained_cells_cannot_poison_the_loss():
+    """A non-finite KL or log-prob in an untrained cell (weight 0) leaves the loss finite: trained cell
+    (0, 0) only, ratio 1, A = 2, KL 0.5, beta 0.1 -> -2 + 0.05."""
+    lp = torch.tensor([[[0.0, float("nan")], [0.0, 0.0]]])
+    w = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    kl = torch.tensor([[[0.5, float("inf")], [float("nan"), 9.0]]])
+    out = grpo_loss(lp, torch.zeros(1, 2, 2), torch.tensor([2.0]), w, clip_eps=0.1, kl=kl, beta=0.1)
+    assert float(out.loss) == pytest.approx(-2.0 + 0.1 * 0.5)
+    assert float(out.kl) == pytest.approx(0.5) and float(out.approx_kl) == 0.0
+
+
+def test_grpo_lower_clip_side_and_approx_kl_sign_by_hand():
+    """A = -1, log-ratio log 0.5 (ratio 0.5), eps 0.2: min(0.5 * -1, clip(0.5, 0.8, 1.2) * -1) = min(-0.5, -0.8)
+    = -0.8 -> loss 0.8 (the lower clip bound binds). k3 = (rho - 1) - log rho = -0.5 + log 2 = 0.193147 >= 0;
+    for log-ratio +0.5: e^0.5 - 1 - 0.5 = 0.148721."""
+    half = torch.full((1, 1, 1), math.log(0.5))
+    out = grpo_loss(half, torch.zeros(1, 1, 1), torch.tensor([-1.0]), torch.ones(1, 1), clip_eps=0.2)
+    assert float(out.loss) == pytest.approx(0.8)
+    assert float(out.clip_frac) == 1.0
+    assert float(out.approx_kl) == pytest.approx(-0.5 + math.log(2), rel=1e-5)
+    up = grpo_loss(torch.full((1, 1, 1), 0.5), torch.zeros(1, 1, 1), torch.tensor([1.0]), torch.ones(1, 1), 0.2)
+    assert float(up.approx_kl) == pytest.approx(math.exp(0.5) - 1.5, rel=1e-5)
+
+
+def test_global_std_advantages_are_flow_grpos():
+    """rewards [[0, 1], [10, 11]]: flow_grpo's global std is the std of all four raw rewards,
+    sqrt((5.5^2 + 4.5^2 + 4.5^2 + 5.5^2) / 4) = sqrt(25.25) = 5.024938 -> +-0.5 / (5.024938 + 1e-4) = +-0.0995017;
+    'batch' divides by the RMS of the centred rewards (0.5): +-0.5 / 0.5001 = +-0.9998."""
+    r = torch.tensor([[0.0, 1.0], [10.0, 11.0]])
+    fg = 0.5 / (math.sqrt(25.25) + 1e-4)
+    assert group_advantages(r, scale="global_std").flatten().tolist() == pytest.approx([-fg, fg, -fg, fg], rel=1e-6)
+    rms = 0.5 / 0.5001
+    assert group_advantages(r, scale="batch").flatten().tolist() == pytest.approx([-rms, rms, -rms, rms], rel=1e-6)
+    with pytest.raises(ValueError, match="global_std"):
+        group_advantages(r, scale="global")
+
+
+class _ZeroVelocity:
+    """A head that predicts v = 0 everywhere, so the flow-matching error is ||y - e||^2 / D."""
+
+    def velocity(self, x, t, cond):
+        return torch.zeros_like(x)
+
+
+def test_dpo_per_image_error_is_the_mean_over_tokens_and_dims():
+    """Two tokens of D = 2, e = 0, v = 0: token errors mean((1, 1)^2) = 1 and mean((3, 1)^2) = (9 + 1) / 2 = 5;
+    Diffusion-DPO's l(y) is their mean over tokens, 3 (a sum over tokens would give 6, over dims 12)."""
+    from base_model.teacher_forcing import per_image_flow_error
+
+    tokens = torch.tensor([[[1.0, 1.0], [3.0, 1.0]]])  # [N=1, T=2, D=2]
+    err = per_image_flow_error(_ZeroVelocity(), torch.zeros(1, 2, 4), tokens, torch.full((1, 2), 0.5),
+                               torch.zeros(1, 2, 2))  # fmt: skip
+    assert err.tolist() == pytest.approx([3.0])

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from alignment.losses import trained_mask
+from alignment.losses import step_weights, trained_mask
 from alignment.objectives import grpo_objective
 from base_model.sampler import SamplingConfig
 from rollout.prompts import Prompt, prompt_id
@@ -25,10 +25,10 @@ def test_untouched_policy_ratio_is_one_and_gradients_reach_backbone_and_head(rol
     w, batch = rollout
     model = w.bundle.model
     adv = torch.tensor([1.0, -1.0, 0.5])
-    weights = trained_mask("full", 16, 4).float()
+    weights = step_weights(trained_mask("full", 16, 4), alpha=1.0)  # 1/4 a cell: the mean over cells
     loss, m = grpo_objective(model, None, w.bundle.tokenizer, w.bundle.ids, batch, adv, weights, 1e-4, 0.0)
-    assert m["grpo/logprob_diff"] < 2e-3 and m["grpo/clip_frac"] == 0.0
-    assert float(loss) == pytest.approx(-float(adv.mean()), abs=1e-3)  # ratio 1: -mean(A)
+    assert m["grpo/logprob_diff"] < 2e-5 and m["grpo/clip_frac"] == 0.0
+    assert float(loss) == pytest.approx(-float(adv.mean()), abs=1e-5)  # ratio 1: -mean(A)
     loss.backward()
     assert model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
     assert model.image_head.net.input_proj.weight.grad.abs().sum() > 0
@@ -96,3 +96,35 @@ def test_one_gradient_step_moves_likelihood_toward_the_positive_advantage(rollou
     assert float(gain[0] - gain[1]) > 0
     gain = _chain_log_probs(_after_one_sgd_step(w, batch, -adv), w, batch) - before
     assert float(gain[0] - gain[1]) < 0
+
+
+def test_flow_grpo_kl_scale_is_the_exact_kl_times_dt_over_d(rollout):
+    """K = 4 uniform sde steps (dt = 0.25), D = 64: every step's flow_grpo KL is the exact one times
+    0.25 / 64, so the reported KL (a weighted sum of cells) is 64 / 0.25 = 256 times smaller."""
+    w, batch = rollout
+    model = w.bundle.model
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.image_head.net.final_layer.linear.bias.add_(0.1)
+    args = (w.bundle.tokenizer, w.bundle.ids, batch, torch.zeros(3), trained_mask("full", 16, 4).float(), 1e-4, 0.1)
+    _, exact = grpo_objective(model, ref, *args)
+    _, flow_grpo = grpo_objective(model, ref, *args, kl_scale="flow_grpo")
+    assert exact["grpo/kl"] > 1e-4
+    assert exact["grpo/kl"] / flow_grpo["grpo/kl"] == pytest.approx(256.0, rel=1e-4)
+
+
+def test_cps_rollouts_with_a_kl_give_a_finite_loss_and_gradient():
+    """CPS's last step (t' = 1) has std 0: its KL is 0 by definition, so beta > 0 no longer yields NaN
+    (issue: every CPS + KL run stopped on non-finite losses)."""
+    w = RolloutWorker("tiny", SamplingConfig(image_size=64, cfg_scale=1.0, num_head_steps=4, sde_kind="cps"))
+    batch = w.rollout([Prompt(prompt_id("a red circle"), "a red circle")], 2, record_chains=True)
+    model = copy.deepcopy(w.bundle.model)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.image_head.net.final_layer.linear.bias.add_(0.1)
+    weights = trained_mask("full", 16, 4).float()
+    loss, m = grpo_objective(model, ref, w.bundle.tokenizer, w.bundle.ids, batch, torch.tensor([1.0, -1.0]),
+                             weights, 1e-4, 0.1)  # fmt: skip
+    assert torch.isfinite(loss) and m["grpo/kl"] > 1e-4
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -8,6 +8,7 @@ import torch
 from base_model.flow import (
     cfg_velocity,
     counter_noise,
+    flow_grpo_kl_factor,
     flow_matching_inputs,
     gaussian_kl_same_std,
     head_step,
@@ -75,6 +76,53 @@ def test_cps_step_is_coefficient_preserving():
 def test_gaussian_kl_same_std():
     kl = gaussian_kl_same_std(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor(0.5))
     assert float(kl) == pytest.approx((1 + 4) / (2 * 0.25))
+
+
+def test_gaussian_kl_per_step_std_and_zero_std_steps():
+    """Three steps, |mu_p - mu_q|^2 = 1 + 4 = 5 each, stds (0.5, 2, 0): 5 / (2 * 0.25) = 10, 5 / (2 * 4) = 0.625,
+    and 0 at the deterministic step (CPS at t' = 1) -- finite, and so is its gradient."""
+    mean_p = torch.tensor([[1.0, 2.0]] * 3, requires_grad=True)  # [K, D]
+    kl = gaussian_kl_same_std(mean_p, torch.zeros(3, 2), torch.tensor([0.5, 2.0, 0.0]))
+    assert kl.tolist() == pytest.approx([10.0, 0.625, 0.0])
+    kl.sum().backward()
+    assert torch.isfinite(mean_p.grad).all() and mean_p.grad[2].tolist() == [0.0, 0.0]
+    # the CPS std really is 0 at the last step
+    last = head_step(torch.zeros(1, 2), torch.ones(1, 2), 0.75, 1.0, "cps", noise=torch.ones(1, 2))
+    assert float(last.std) == 0.0
+
+
+def test_flow_grpo_kl_factor_is_dt_over_d_for_sde_and_one_over_d_for_cps():
+    """K = 10 uniform steps, D = 64: flow_grpo averages over the dims (1/64) and leaves dt = 0.1 out of the
+    sde variance (x 0.1), so our exact KL is 64 / 0.1 = 640x flow_grpo's; its CPS std has no dt: 64x."""
+    grid = time_grid(10)
+    sde = flow_grpo_kl_factor("sde", grid[:-1], grid[1:], 64)
+    assert (1 / sde).tolist() == pytest.approx([640.0] * 10, rel=1e-5)
+    assert (1 / flow_grpo_kl_factor("cps", grid[:-1], grid[1:], 64)).tolist() == pytest.approx([64.0] * 10)
+    # on one sde step (t = 0.5 -> 0.6): exact KL = |d|^2 / (2 * 2 (1-t) dt); flow_grpo's = mean_d d^2 / (2 * 2 (1-t))
+    d = torch.full((1, 64), 0.3)
+    step = head_step(torch.zeros(1, 64), torch.zeros(1, 64), 0.5, 0.6, "sde", noise=torch.zeros(1, 64))
+    exact = gaussian_kl_same_std(d, torch.zeros(1, 64), step.std)
+    flow_grpo = (0.3**2) / (2 * 2 * (1 - 0.5))
+    assert float(exact * flow_grpo_kl_factor("sde", torch.tensor([0.5]), torch.tensor([0.6]), 64)) == pytest.approx(
+        flow_grpo, rel=1e-5
+    )
+
+
+def test_cps_step_by_hand_with_partial_noise():
+    """x1 = 2, e = -1, t = 0.25 -> t' = 0.5, a = 1/3: x = 0.25 * 2 + 0.75 * (-1) = -0.25, v = x1 - e = 3,
+    d = x + 0.75 v = 2, n = x - 0.25 v = -1; s = (1 - 0.5) sin(pi / 6) = 0.25;
+    mean = t' d + sqrt(0.5^2 - 0.25^2) n = 1 - sqrt(0.1875) = 0.5669873; eps = (2, -2) -> x' = mean +- 0.5.
+    log pi = -sum (x' - mean)^2 = -(0.25 + 0.25) = -0.5 (sum), -0.25 (mean); scoring x' gives the same."""
+    x, v = torch.full((1, 2), -0.25), torch.full((1, 2), 3.0)
+    out = head_step(x, v, 0.25, 0.5, "cps", noise=torch.tensor([[2.0, -2.0]]), cps_noise_level=1 / 3)
+    mean = 1.0 - math.sqrt(0.1875)
+    assert out.mean[0].tolist() == pytest.approx([mean, mean])
+    assert float(out.std) == pytest.approx(0.25)
+    assert out.x_next[0].tolist() == pytest.approx([mean + 0.5, mean - 0.5])
+    assert float(out.log_prob) == pytest.approx(-0.5, rel=1e-5)
+    scored = head_step(x, v, 0.25, 0.5, "cps", x_next=torch.tensor([[mean + 0.5, mean - 0.5]]), cps_noise_level=1 / 3,
+                       reduction="mean")  # fmt: skip
+    assert float(scored.log_prob) == pytest.approx(-0.25, rel=1e-5)
 
 
 def test_counter_noise_is_per_sample_deterministic_and_standard_normal():

@@ -17,6 +17,7 @@ from PIL import Image
 
 from alignment.cli import main
 from tests.alignment.test_select_job import PROMPTS, make_tiny_run
+from tests.dashboard.handmade import eval_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 EVALUATE, SELECT = ROOT / "configs" / "evaluate" / "tiny.yaml", ROOT / "configs" / "select" / "tiny.yaml"
@@ -199,6 +200,30 @@ def test_dashboard_in_headless_chromium(pipeline):
         browser.set_window_size(1400, min(height + 40, 8000))
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         assert browser.save_screenshot(str(SCREENSHOT))
+    finally:
+        browser.quit()
+
+
+def test_prompt_that_opens_a_script_comment_renders(tmp_path):
+    """`<!--<script>` in the data block used to swallow the page's program (the table never appeared)."""
+    from selenium.webdriver.common.by import By
+
+    prompts = ["<!--<script>", "a & b </script> <b>not bold</b>"]
+    assert main(["dashboard", str(eval_dir(tmp_path / "eval", prompts)), "--out", str(tmp_path / "d"),
+                 "--num-resamples", "20"]) == 0  # fmt: skip
+    browser = _chrome()
+    try:
+        browser.get((tmp_path / "d" / "index.html").as_uri())
+        for _ in range(100):
+            if browser.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1":
+                break
+            time.sleep(0.05)
+        assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1"
+        assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+        assert len(browser.find_elements(By.CSS_SELECTOR, "table.reward-table td.mean")) == 2 * 2
+        cells = browser.find_elements(By.CSS_SELECTOR, "#eval0-grid tr.grid-row td.prompt")
+        assert [c.text.splitlines()[0] for c in cells] == prompts  # shown literally, not parsed as markup
+        assert browser.find_elements(By.CSS_SELECTOR, "#eval0-grid td.prompt b") == []
     finally:
         browser.quit()
 

@@ -55,9 +55,29 @@ def test_preprocessing_matches_torchvision_on_pil():
         ours = np.asarray(resize_center_crop(image, 32))
         theirs = np.asarray(Compose([Resize(32, InterpolationMode.BICUBIC), CenterCrop(32)])(image))
         np.testing.assert_array_equal(ours, theirs)
-    boxed = np.asarray(letterbox(Image.new("RGB", (100, 50), (255, 255, 255)), 40))
-    assert boxed.shape == (40, 40, 3)
-    assert boxed[:10].max() == 0 and boxed[30:].max() == 0 and boxed[10:30].min() == 255  # 40 x 20 centred
+    white = torch.full((1, 3, 50, 100), 255, dtype=torch.uint8)
+    boxed = letterbox(white, 40)[0]  # [3, 40, 40] in [0, 1]
+    assert boxed.shape == (3, 40, 40)
+    assert boxed[:, :10].max() == 0 and boxed[:, 30:].max() == 0  # 40 x 20 centred, black padding
+    torch.testing.assert_close(boxed[:, 10:30], torch.ones(3, 20, 40))
+
+
+def test_hps_letterbox_is_upstreams_float_tensor_pipeline():
+    """HPSv2: ToTensor, then ResizeMaxSize on the float tensor (torchvision bicubic, antialias) and pad;
+    97 x 61 -> 40 x round(61 * 40 / 97) = 40 x 25, padded 7 above and 8 below. No rounding to uint8 and
+    no clamping: a black/white step overshoots below 0 and above 1, which the uint8 PIL path cannot."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (2, 3, 61, 97), dtype=np.uint8))
+    theirs = TF.resize(images.float() / 255, [25, 40], InterpolationMode.BICUBIC, antialias=True)
+    theirs = TF.pad(theirs, [0, 7, 0, 8], fill=0)
+    torch.testing.assert_close(letterbox(images, 40), theirs, atol=1e-6, rtol=0)
+    step = torch.zeros(1, 3, 60, 120, dtype=torch.uint8)
+    step[..., 60:] = 255
+    boxed = letterbox(step, 40)
+    assert float(boxed.min()) < -0.01 and float(boxed.max()) > 1.01
 
 
 def write_config(tmp_path: Path, rewards: list[dict]) -> Path:

@@ -15,6 +15,7 @@ from rewards.geneval import (
     build,
     check_clauses,
     clause_scores,
+    group_detections,
     read_metadata,
     relative_position,
 )
@@ -96,20 +97,71 @@ class ScriptedDetector:
         return list(self.detections)
 
 
-def test_reward_with_a_pluggable_detector(tmp_path):
+def test_reward_with_a_pluggable_detector(tmp_path, monkeypatch):
+    # a plug-in: an installed package declares its factory under the entry-point group; configs name it
+    from importlib.metadata import EntryPoint
+
+    import rewards.geneval as geneval
+
+    plugin = EntryPoint("scripted", "tests.rewards.test_geneval:ScriptedDetector", geneval.DETECTOR_ENTRY_POINTS)
+    monkeypatch.setattr(geneval.importlib.metadata, "entry_points", lambda group: [plugin] * (group == plugin.group))
     records = [{"tag": "single_object", "include": [{"class": "cow", "count": 1}], "prompt": "a photo of a cow"},
                {"tag": "counting", "include": [{"class": "cow", "count": 2}], "exclude": [{"class": "cow", "count": 3}],
                 "prompt": "a photo of two cows"}]  # fmt: skip
     path = tmp_path / "meta.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records))
     detections = [{"label": "cow", "box": [0, 0, 10, 10]}]
-    params = {"metadata": str(path), "detector": "tests.rewards.test_geneval:ScriptedDetector",
-              "detector_args": {"detections": detections}, "score": "partial"}  # fmt: skip
+    params = {"metadata": str(path), "detector": "scripted", "detector_args": {"detections": detections},
+              "score": "partial"}  # fmt: skip
     reward = build(from_dict(Config, params, "r"), torch.device("cpu"), torch.float32)
     out = reward(random_images(2), ["a photo of a cow", "a photo of two cows"])
     torch.testing.assert_close(out.components["strict"], torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(out.scores, torch.tensor([1.0, 0.5]))
     with pytest.raises(UserError, match="not in the metadata"):
         reward(random_images(1), ["a photo of a horse"])
-    with pytest.raises(ConfigError, match="module:factory"):
-        from_dict(Config, {**params, "detector": "no_colon"}, "r")
+    path = "tests.rewards.test_geneval:ScriptedDetector"  # the plug-in's own import path: configs never give paths
+    with pytest.raises(ConfigError, match=r"r\.detector: unknown detector .*known: shapes, scripted"):
+        from_dict(Config, {**params, "detector": path}, "r")
+    with pytest.raises(ConfigError, match="detector_args do not fit"):
+        build(from_dict(Config, {**params, "detector_args": {"boxes": []}}, "r"), torch.device("cpu"), torch.float32)
+
+
+def test_equally_confident_detections_keep_genevals_reversed_argsort_order():
+    """GenEval orders by np.argsort(scores)[::-1]: for a tie the later detection comes first. Two cats at
+    0.8, red then blue: the best single cat is the blue one, so "a blue cat" holds and "a red cat" fails."""
+    red, blue = det("cat", 0, 0, 10, 10, score=0.8, color="red"), det("cat", 20, 0, 30, 10, score=0.8, color="blue")
+    sure = det("cat", 40, 0, 50, 10, score=0.9, color="green")
+    assert group_detections([red, blue, sure], 0.3, 16) == {"cat": [sure, blue, red]}
+    for colour, ok in (("blue", True), ("red", False)):
+        clauses = Clauses.from_record({"prompt": "p", "tag": "color_attr",
+                                       "include": [{"class": "cat", "count": 1, "color": colour}]})  # fmt: skip
+        assert clause_scores(check_clauses(clauses, [red, blue]))[0] == float(ok)
+
+
+def test_score_thresholds_are_strict_and_at_most_16_objects_per_class():
+    """GenEval keeps scores > 0.3 (> 0.9 for counting): exactly 0.3 or 0.9 is dropped. At most 16 per class:
+    17 confident clocks satisfy "at least 16" but not "at least 17", and "fewer than 17" holds."""
+    assert group_detections([det("cat", 0, 0, 1, 1, score=0.3)], 0.3, 16) == {}
+    assert len(group_detections([det("cat", 0, 0, 1, 1, score=0.30001)], 0.3, 16)["cat"]) == 1
+    counting = Clauses.from_record({"tag": "counting", "prompt": "p", "include": [{"class": "clock", "count": 1}]})
+    assert clause_scores(check_clauses(counting, [det("clock", 0, 0, 5, 5, score=0.9)]))[0] == 0.0
+    clocks = [det("clock", 10 * i, 0, 10 * i + 5, 5) for i in range(17)]
+    for count, ok in ((16, True), (17, False)):
+        clauses = Clauses.from_record({"tag": "single_object", "prompt": "p",
+                                       "include": [{"class": "clock", "count": count}]})  # fmt: skip
+        assert clause_scores(check_clauses(clauses, clocks))[0] == float(ok)
+    excl = Clauses.from_record({"tag": "single_object", "prompt": "p", "include": [{"class": "clock", "count": 1}],
+                                "exclude": [{"class": "clock", "count": 17}]})  # fmt: skip
+    assert clause_scores(check_clauses(excl, clocks))[0] == 1.0
+
+
+def test_position_threshold_is_a_tenth_of_the_summed_box_sizes():
+    """Boxes 20 px wide (summed 40 -> 0.1 x 40 = 4 px shrink), same height. Centres 10 px apart: revised
+    dx = (10 - 4) / 10 = 0.6 > 0.5 -> "right of"; 5 px apart: (5 - 4) / 5 = 0.2 -> no relation. Both hold
+    only for thresholds in [0.0625, 0.125), so the default 0.1 is pinned end to end through the rules."""
+    clauses = Clauses.from_record({"tag": "position", "prompt": "p",
+                                   "include": [{"class": "teddy bear", "count": 1},
+                                               {"class": "dog", "count": 1, "position": ["right of", 0]}]})  # fmt: skip
+    bear = det("teddy bear", 10, 10, 30, 30)
+    assert clause_scores(check_clauses(clauses, [bear, det("dog", 20, 10, 40, 30)]))[0] == 1.0
+    assert clause_scores(check_clauses(clauses, [bear, det("dog", 15, 10, 35, 30)]))[0] == 0.0

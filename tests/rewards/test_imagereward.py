@@ -116,3 +116,39 @@ def test_published_layout_checkpoint_loads_exactly(tiny, bert_vocab_dir, tmp_pat
     cfg.checkpoint = str(tmp_path / "absent.pt")
     with pytest.raises(CheckpointError, match=r"absent\.pt \(published: hub THUDM/ImageReward"):
         build(cfg, CPU, torch.float32)
+
+
+class _Recorder:
+    """Stands in for the ImageReward model: records what __call__ feeds it, returns raw 0."""
+
+    def __call__(self, pixels, input_ids, attention_mask):
+        self.pixels, self.input_ids, self.attention_mask = pixels, input_ids, attention_mask
+        return torch.zeros(pixels.shape[0])
+
+
+def test_call_site_preprocessing_by_hand(tiny):
+    """A 32 x 64 (H x W) black image with a white stripe in columns 0-15: BLIP resizes the short side to
+    32 (already) and centre-crops columns 16-47, so the stripe is gone (a squash to 32 x 32 would keep
+    columns 0-7 white). Every pixel is then black under the OpenAI CLIP mean/std (not ImageNet's):
+    (0 - 0.48145466) / 0.26862954 = -1.792263, -0.4578275 / 0.26130258 = -1.752097, -0.40821073 / 0.27577711
+    = -1.480220. Prompts are padded to exactly 35 tokens (ImageReward.py), the mask marks the real ones:
+    [CLS] a red cat [SEP] = 5."""
+    recorder, model = _Recorder(), tiny.model
+    tiny.model = recorder
+    try:
+        image = torch.zeros(1, 3, 32, 64, dtype=torch.uint8)
+        image[..., :16] = 255
+        out = tiny(image, ["a red cat"])
+    finally:
+        tiny.model = model
+    assert recorder.pixels.shape == (1, 3, 32, 32)
+    black = torch.tensor([-1.792263, -1.752097, -1.480220]).view(1, 3, 1, 1).expand(1, 3, 32, 32)
+    torch.testing.assert_close(recorder.pixels, black, atol=1e-5, rtol=0)
+    assert recorder.input_ids.shape == (1, 35) and int(recorder.attention_mask.sum()) == 5
+    torch.testing.assert_close(out.scores, standardise(torch.zeros(1)))
+
+
+def test_blip_vit_layer_norms_use_eps_1e6(tiny):
+    """BLIP's ViT builds its LayerNorms with eps 1e-6 (timm style), not torch's 1e-5: two per block + the final."""
+    norms = [m for m in tiny.model.blip.visual_encoder.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * 2 + 1 and all(m.eps == 1e-6 for m in norms)

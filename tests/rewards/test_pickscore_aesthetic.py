@@ -34,19 +34,35 @@ def test_clip_tokenizer_from_open_clip_vocab_matches_open_clip(clip_processor_di
     assert ours == open_clip.get_tokenizer("ViT-H-14")([text])[0][: len(ours)].tolist()
 
 
+def test_pickscore_tokenizer_is_the_fast_one_as_autoprocessor(clip_processor_dir):
+    """PickScore's AutoProcessor gives the fast CLIP tokenizer, which does not run ftfy: `&amp;` stays
+    three tokens ('&', 'amp', ';') where the slow tokenizer would first turn it into '&'."""
+    from transformers import CLIPTokenizerFast
+
+    tok = pickscore.load_processor(clip_processor_dir).tokenizer
+    assert isinstance(tok, CLIPTokenizerFast)
+    ids = tok("tom &amp; jerry").input_ids
+    assert tok.convert_ids_to_tokens(ids[1:-1]) == ["tom</w>", "&</w>", "amp</w>", ";</w>", "jerry</w>"]
+    assert ids != tok("tom & jerry").input_ids
+
+
 @pytest.fixture(scope="module")
 def tiny_pick(clip_processor_dir):
     cfg = pickscore.Config(processor_dir=clip_processor_dir, size="tiny", init="random", divisor=26.0)
     return pickscore.build(cfg, CPU, torch.float32)
 
 
-def test_pickscore_is_logit_scale_times_cosine(tiny_pick, monkeypatch):
+def test_pickscore_is_logit_scale_times_cosine(clip_processor_dir, monkeypatch):
     # Hand-set embeddings with cosine 0.6 and logit scale exp(log 100) = 100 -> raw 60, trained on 60 / 26.
-    model = tiny_pick.model
+    # A model of its own: the module's `tiny_pick` stays untouched for the tests after this one.
+    cfg = pickscore.Config(processor_dir=clip_processor_dir, size="tiny", init="random", divisor=26.0)
+    pick = pickscore.build(cfg, CPU, torch.float32)
+    model = pick.model
     monkeypatch.setattr(model, "get_image_features", lambda pixel_values: torch.tensor([[3.0, 0.0]]))
     monkeypatch.setattr(model, "get_text_features", lambda **kw: torch.tensor([[0.6, 0.8]]))
-    monkeypatch.setattr(model, "logit_scale", torch.nn.Parameter(torch.tensor(math.log(100.0))))
-    out = tiny_pick(random_images(1), ["a cat"])
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100.0))
+    out = pick(random_images(1), ["a cat"])
     torch.testing.assert_close(out.components["cosine"], torch.tensor([0.6]))
     torch.testing.assert_close(out.components["raw"], torch.tensor([60.0]))
     torch.testing.assert_close(out.scores, torch.tensor([60.0 / 26.0]))

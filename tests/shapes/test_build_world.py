@@ -31,4 +31,4 @@ def test_build_world_writes_every_artefact(tmp_path):
     import yaml
 
     rewards = from_dict(RewardsConfig, yaml.safe_load((out / "rewards.yaml").read_text()))
-    assert rewards.rewards[0].family_config().detector == "shapes.detect:ShapesDetector"
+    assert rewards.rewards[0].family_config().detector == "shapes"

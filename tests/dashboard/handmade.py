@@ -1,0 +1,36 @@
+"""Result directories written by hand, for dashboard tests that need no model."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+
+def png(rng: np.random.Generator, side: int = 16) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def eval_dir(out: Path, prompts: list[str]) -> Path:
+    """An `nsalign evaluate` output: checkpoints a and b, one seed per prompt, jpeg score = prompt index
+    (+1 for b)."""
+    from alignment.jobs.evaluate import rows_schema
+
+    rng = np.random.default_rng(2)
+    for c, name in enumerate(("a", "b")):
+        rows = [{"checkpoint": name, "prompt_id": f"{i:016x}", "prompt": p, "sample_index": 0, "seed": i,
+                 "scores": {"jpeg": float(i + c), "composite": float(i + c)}, "thumbnail": png(rng)}
+                for i, p in enumerate(prompts)]  # fmt: skip
+        (out / "scores" / name).mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=rows_schema(["jpeg", "composite"])),
+                       out / "scores" / name / "shard-000000.parquet")  # fmt: skip
+    manifest = {"checkpoints": {"a": "tiny", "b": "tiny"}, "rewards": ["jpeg", "composite"], "scores_dir": "scores"}
+    (out / "eval.json").write_text(json.dumps(manifest))
+    return out

@@ -42,6 +42,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(message: str) -> str:
+    """A message that a library spread over several lines (torch, pyarrow, PIL), joined into one."""
+    return "; ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv[0] if argv else None)
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except UserError as e:
-        print(f"nsalign {args.command}: error: {e}", file=sys.stderr)
+        print(f"nsalign {args.command}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"nsalign {args.command}: interrupted", file=sys.stderr)

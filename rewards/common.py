@@ -111,7 +111,8 @@ def read_torch_file(path: Path, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable file is the user's to fix, whatever the reason
-        raise CheckpointError(f"{what} at {path} is not a readable torch file: {e}") from None
+        first = (str(e) or type(e).__name__).splitlines()[0]  # torch's refusal of a pickle spans many lines
+        raise CheckpointError(f"{what} at {path} is not a readable torch file: {first}") from None
 
 
 def as_state_dict(obj: Any, where: str, nested_key: str | None = None) -> dict[str, torch.Tensor]:

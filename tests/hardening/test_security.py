@@ -319,3 +319,23 @@ def test_a_lone_process_claiming_more_ranks_is_told_to_use_a_launcher(monkeypatc
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="WORLD_SIZE=2 RANK=0 without MASTER_ADDR/MASTER_PORT: start .* torchrun"):
         learner.init_distributed()
+
+
+def test_a_reward_checkpoint_that_is_a_crafted_pickle_is_refused_in_one_line(tmp_path):
+    """Reward weights (aesthetic MLP, HPSv2, ...) go through read_torch_file: weights_only, and torch's
+    many-line refusal is cut to its first line."""
+    from rewards.common import read_torch_file
+
+    marker = tmp_path / "marker"
+    path = tmp_path / "mlp.pth"
+    torch.save({"weight": Payload(marker)}, path)
+    with pytest.raises(CheckpointError) as e:
+        read_torch_file(path, "the aesthetic MLP")
+    assert "\n" not in str(e.value) and str(path) in str(e.value) and not marker.exists()
+
+
+def test_the_cli_prints_a_many_line_message_as_one_line():
+    from alignment.cli import one_line
+
+    message = "bad file\n  column 'x': int64\n\nexpected string\n"
+    assert one_line(message) == "bad file; column 'x': int64; expected string"

@@ -2,10 +2,11 @@
 
 A job gives it micro batches and a loss function `loss_fn(model, micro_batch) -> (loss, metrics)`;
 the learner accumulates gradients over the micro batches of one optimizer step, clips, steps, and
-skips (and counts) a step whose loss is not finite. DeepSpeed (and peft) are confined to this file.
+skips (and counts) a step whose loss is not finite. DeepSpeed is confined to this file (peft to alignment/lora.py).
 World size 1 on a CPU (gloo) up to many GPUs; ZeRO stage, bf16, clipping and the optimizer come
-from `LearnerConfig`. Under a launcher (torchrun, deepspeed) every rank builds a Learner on its own
-share of the data; gradients are averaged by DeepSpeed and the returned metrics over the ranks.
+from `LearnerConfig` (alignment/learner_config.py). Under a launcher (torchrun, deepspeed) every rank
+builds a Learner on its own share of the data; gradients are averaged by DeepSpeed and the returned
+metrics over the ranks.
 
 Optional LoRA (`learner.lora`, through peft): adapters are injected into the model in place, only
 they train, `policy_weights()` returns the plain model's keys with the adapters merged in, and the
@@ -28,68 +29,24 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import os
 import pickle
 import re
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from base_model.errors import CheckpointError, ConfigError  # also installs the torchvision shim peft's imports need
+from alignment.learner_config import LearnerConfig, lr_lambda
+from alignment.lora import apply_lora, lora_layers
+from core.errors import CheckpointError, ConfigError
 
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
-
-
-# Linear layers of NextStep-1 worth adapting: backbone attention + MLP, the head-condition projector and
-# the flow head's MLPs, modulations and output (peft matches a name by its suffix).
-DEFAULT_LORA_TARGETS = [
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "image_out_projector",
-    "input_proj", "cond_embed", "mlp.0", "mlp.2", "adaLN_modulation.1", "final_layer.linear",
-]  # fmt: skip
-
-
-@dataclass
-class LoraConfig:
-    rank: int = 16
-    alpha: float = 32.0  # the update is scaled by alpha / rank
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-
-    def validate(self, where: str = "learner.lora") -> None:
-        if self.rank < 1:
-            raise ConfigError(f"{where}.rank: must be >= 1, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"{where}.dropout: must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            raise ConfigError(f"{where}.target_modules: name at least one module")
-
-
-@dataclass
-class LearnerConfig:
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    total_steps: int = 1000  # for the cosine schedule
-    max_grad_norm: float = 1.0
-    zero_stage: int = 0  # 0-3
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    max_consecutive_nonfinite: int = 3  # more non-finite losses in a row stop the job
-    lora: LoraConfig | None = None  # null: full fine-tuning
-
-    def validate(self, where: str = "learner") -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"{where}.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.lr <= 0:
-            raise ConfigError(f"{where}.lr: must be > 0, got {self.lr}")
 
 
 def launched() -> bool:
@@ -120,8 +77,6 @@ def init_distributed() -> None:
     own sockets are pinned to the loopback interface (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME; set for the
     process's lifetime, since every later group reads them: a lone process has no peer to reach). Under a
     launcher nothing happens here: DeepSpeed initialises env:// as the launcher set it up."""
-    import torch.distributed as dist
-
     if dist.is_initialized() or launched():
         return
     ensure_single_process_env()
@@ -185,45 +140,19 @@ def weights_only_checkpoint_engine() -> type:
     return WeightsOnlyCheckpointEngine
 
 
-def lr_lambda(cfg: LearnerConfig) -> Callable[[int], float]:
-    """Linear warm-up then constant or cosine decay to 0 at total_steps (multiplier of cfg.lr)."""
-
-    def factor(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
 class NonFiniteLossError(RuntimeError):
-    pass
+    """`max_consecutive_nonfinite` non-finite losses in a row: the job stops (the trainer names the last good
+    checkpoint)."""
 
 
-def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
-    """Inject LoRA adapters in place (the model keeps its class and methods); only adapters stay trainable."""
-    import peft
+@dataclass
+class StepResult:
+    """What one `Learner.step` did: `updated` False when the attempt was skipped for a non-finite loss (no
+    optimizer update, gradients dropped); `metrics` named `area/name`, averaged over micro batches and ranks
+    (a skipped attempt reports `train/skipped_nonfinite` only)."""
 
-    lora = peft.LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules)
-    )
-    try:
-        model = peft.inject_adapter_in_model(lora, model)
-    except ValueError as e:  # peft: no module matched target_modules
-        raise ConfigError(f"learner.lora.target_modules: {e}") from None
-    for name, p in model.named_parameters():
-        p.requires_grad_(".lora_" in name)
-    return model
-
-
-def lora_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """(name, layer) of every module peft replaced (empty without LoRA)."""
-    from peft.tuners.lora import LoraLayer
-
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    updated: bool
+    metrics: dict[str, float]
 
 
 def _is_zero3_param(t: torch.Tensor) -> bool:
@@ -370,8 +299,9 @@ class Learner:
             for layer in layers:
                 layer.enable_adapters(True)  # peft also restores requires_grad of the active adapters
 
-    def step(self, micro_batches: Sequence[Any], loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer update over `micro_batches` (gradient accumulation by loss scaling)."""
+    def step(self, micro_batches: Sequence[Any], loss_fn: LossFn) -> StepResult:
+        """One optimizer update over `micro_batches` (gradient accumulation by loss scaling), or none when a
+        loss is not finite on any rank (every rank skips together)."""
         self.engine.train()
         totals: dict[str, float] = {}
         n = len(micro_batches)
@@ -399,7 +329,7 @@ class Learner:
             self.num_skipped += 1
             if self.nonfinite_in_a_row >= self.cfg.max_consecutive_nonfinite:
                 raise NonFiniteLossError(f"{self.nonfinite_in_a_row} non-finite losses in a row")
-            return {"train/skipped_nonfinite": float(self.num_skipped)}
+            return StepResult(updated=False, metrics={"train/skipped_nonfinite": float(self.num_skipped)})
         self.nonfinite_in_a_row = 0
         lr = self.cfg.lr * self.lr_factor(self.step_count)
         for group in self.engine.optimizer.param_groups:
@@ -413,7 +343,7 @@ class Learner:
         totals["train/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         totals["train/lr"] = lr
         totals["train/skipped_nonfinite"] = float(self.num_skipped)
-        return self.mean_over_ranks(totals)
+        return StepResult(updated=True, metrics=self.mean_over_ranks(totals))
 
     def unpartitioned_grad_norm(self) -> float:
         """L2 norm over every trainable parameter's gradient before clipping (ZeRO stage 0: full gradients)."""

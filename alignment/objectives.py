@@ -1,25 +1,72 @@
 """Model-facing objectives: turn a batch and the model into (loss, metrics) for `Learner.step`.
 
-The maths stays in `alignment.losses` (pure tensors); this file only runs the teacher-forced passes.
+GRPO over recorded head chains (`grpo_objective`) and Diffusion-DPO's per-image flow errors of a pair batch
+(`pair_errors`, with the seeded per-token noise `pair_noise` they share). The maths stays in
+`alignment.losses` (pure tensors); this file only runs the teacher-forced passes.
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 
-from alignment.losses import grpo_loss
+from alignment.losses import DpoOutput, grpo_loss
 from base_model.flow import KlScale, flow_grpo_kl_factor, gaussian_kl_same_std, time_grid
 from base_model.model import NextStepModel
-from base_model.sequence import build_prompt_batch
-from base_model.teacher_forcing import score_chains
+from base_model.sequence import DEFAULT_MAX_PROMPT_TOKENS, build_prompt_batch
+from base_model.teacher_forcing import ChainScores, per_image_flow_error, score_chains, teacher_forced
 from base_model.tokenizer import SpecialIds
 from rollout.batch import RolloutBatch
+from rollout.prefs_format import PreferencePairs
+
+if TYPE_CHECKING:  # annotations only: transformers is heavy to import
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class GrpoMicroBatch:
+    """One micro batch of a GRPO update: kept samples, their advantages and the cells trained."""
+
+    batch: RolloutBatch  # b samples
+    advantages: torch.Tensor  # [b]
+    weights: torch.Tensor  # [T, K]
+    scale: float  # b * num_micro / num_samples: micro losses of unequal size average per sample
+
+
+def chain_scores(
+    model: NextStepModel, tokenizer: PreTrainedTokenizerBase, ids: SpecialIds, batch: RolloutBatch, train_with_cfg: bool
+) -> ChainScores:
+    """`model` re-scoring the recorded head chains of `batch` in one teacher-forced pass, on the prompt rows
+    the sampler saw (both CFG branches when `train_with_cfg` and the sampling used CFG)."""
+    if batch.chains is None or batch.log_probs is None:
+        raise ValueError("GRPO needs rollouts recorded with record_chains=True")
+    sampling = batch.sampling
+    size = (sampling.image_size, sampling.image_size)
+    pb = build_prompt_batch(
+        tokenizer, ids, batch.prompts, size, with_uncond=train_with_cfg and sampling.uses_cfg,
+        negative_prompt=sampling.negative_prompt, max_prompt_tokens=sampling.max_prompt_tokens,
+    )  # fmt: skip
+    device = next(model.parameters()).device
+    return score_chains(model, pb, ids, batch.tokens.to(device), batch.chains.to(device), sampling)
+
+
+def reference_means(
+    ref_model: NextStepModel, tokenizer: PreTrainedTokenizerBase, ids: SpecialIds, batch: RolloutBatch,
+    train_with_cfg: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """The frozen reference's head means [B, T, S, 64] along the recorded chains (no gradient): what the
+    KL term of `grpo_objective` compares the policy's means with."""
+    with torch.no_grad():
+        return chain_scores(ref_model, tokenizer, ids, batch, train_with_cfg).means
 
 
 def grpo_objective(
     model: NextStepModel,
     ref_model: NextStepModel | None,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     ids: SpecialIds,
     batch: RolloutBatch,
     advantages: torch.Tensor,
@@ -28,34 +75,24 @@ def grpo_objective(
     beta: float,
     train_with_cfg: bool = False,
     kl_scale: KlScale = "exact",
+    ref_means: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO over recorded head chains: one parallel re-scoring pass (NextStep-1.1), optional KL to a
-    frozen reference. advantages [B]; weights [T, K] (trained-part mask times per-step weights).
+    frozen reference (`ref_model`, or its `reference_means` computed beforehand, e.g. under
+    `Learner.reference()`). advantages [B]; weights [T, K] (trained-part mask times per-step weights).
 
     kl_scale "exact": the KL summed over the 64 dims with the true step variance; "flow_grpo": that KL
     times `flow_grpo_kl_factor` (mean over dims, sde variance without dt), so flow_grpo's beta applies."""
-    if batch.chains is None or batch.log_probs is None:
-        raise ValueError("GRPO needs rollouts recorded with record_chains=True")
     sampling = batch.sampling
-    use_cfg = train_with_cfg and sampling.uses_cfg
-    size = (sampling.image_size, sampling.image_size)
-    pb = build_prompt_batch(
-        tokenizer,
-        ids,
-        batch.prompts,
-        size,
-        with_uncond=use_cfg,
-        negative_prompt=sampling.negative_prompt,
-        max_prompt_tokens=sampling.max_prompt_tokens,
-    )  # the rows the sampler saw
-    device = next(model.parameters()).device
-    tokens, chains = batch.tokens.to(device), batch.chains.to(device)
-    scores = score_chains(model, pb, ids, tokens, chains, sampling)
+    scores = chain_scores(model, tokenizer, ids, batch, train_with_cfg)
+    device, chains = scores.log_probs.device, batch.chains
+    if ref_means is None and ref_model is not None and beta > 0:
+        ref_means = reference_means(ref_model, tokenizer, ids, batch, train_with_cfg)
     kl = None
-    if ref_model is not None and beta > 0:
-        with torch.no_grad():
-            ref = score_chains(ref_model, pb, ids, tokens, chains, sampling)
-        kl = gaussian_kl_same_std(scores.means, ref.means, scores.stds.to(device)[None, None, :])  # [B, T, K]
+    if ref_means is not None and beta > 0:
+        kl = gaussian_kl_same_std(
+            scores.means, ref_means.to(device), scores.stds.to(device)[None, None, :]
+        )  # [B, T, K]
         if kl_scale == "flow_grpo":
             grid = time_grid(chains.shape[2] - 1, sampling.timestep_shift, device=device, kind=sampling.time_grid)
             grid = grid[: sampling.num_scored_steps + 1]  # [S+1]: the scored steps (final_euler: not the last)
@@ -70,3 +107,67 @@ def grpo_objective(
         "grpo/logprob_diff": float((scores.log_probs.detach() - old)[trained].abs().mean()),
     }  # fmt: skip
     return out.loss, metrics
+
+
+# -- Diffusion-DPO (docs/algorithms.md §8) -------------------------------------------------------------
+
+TRAIN_STREAM, EVAL_STREAM = 0, 1  # the pair-noise streams of trained and held-out pairs
+
+
+def pair_noise(seed: int, stream: int, position: int, num_tokens: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t [T] ~ sigmoid(N(0,1)), e [T, D] ~ N(0, I)) of one pair, a pure function of (seed, stream, position)."""
+    digest = hashlib.sha1(f"{seed}:{stream}:{position}".encode()).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    t = torch.sigmoid(torch.randn(num_tokens, generator=g))
+    return t, torch.randn(num_tokens, dim, generator=g)
+
+
+@dataclass
+class PairBatch:
+    """N preference pairs of one micro batch with the noise their winner and loser share."""
+
+    prompts: list[str]  # [N]
+    chosen: torch.Tensor  # [N, T, 64] winner tokens y_w
+    rejected: torch.Tensor  # [N, T, 64] loser tokens y_l
+    t: torch.Tensor  # [N, T] per-token flow times, shared by winner, loser, policy and reference
+    noise: torch.Tensor  # [N, T, 64] per-token noise e_j, shared likewise
+
+
+def make_batch(pairs: PreferencePairs, indices: list[int], positions: list[int], seed: int, stream: int) -> PairBatch:
+    """Pairs `indices` of a PreferencePairs; `positions` (one per pair) seed their (t, e)."""
+    _, num_tokens, dim = pairs.chosen_tokens.shape
+    noise = [pair_noise(seed, stream, p, num_tokens, dim) for p in positions]
+    return PairBatch(
+        prompts=[pairs.prompts[i] for i in indices],
+        chosen=pairs.chosen_tokens[indices], rejected=pairs.rejected_tokens[indices],
+        t=torch.stack([n[0] for n in noise]), noise=torch.stack([n[1] for n in noise]),
+    )  # fmt: skip
+
+
+def pair_errors(
+    model: NextStepModel,
+    tokenizer: PreTrainedTokenizerBase,
+    ids: SpecialIds,
+    batch: PairBatch,
+    image_size: int,
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image flow errors (l(y_w) [N], l(y_l) [N]) from ONE teacher-forced pass over 2N rows."""
+    device = model.device
+    prompt_batch = build_prompt_batch(tokenizer, ids, batch.prompts * 2, (image_size, image_size), False,
+                                      max_prompt_tokens=max_prompt_tokens)  # fmt: skip
+    tokens = torch.cat([batch.chosen, batch.rejected]).to(device)  # [2N, T, 64]
+    cond = teacher_forced(model, prompt_batch, ids, tokens).image_cond  # [2N, T, H]
+    t = batch.t.repeat(2, 1).to(device)  # [2N, T]: the same (t, e) for winner and loser
+    noise = batch.noise.repeat(2, 1, 1).to(device)  # [2N, T, 64]
+    err = per_image_flow_error(model, cond, tokens, t, noise)  # [2N] fp32
+    n = len(batch.prompts)
+    return err[:n], err[n:]
+
+
+DPO_METRICS = ("loss", "implicit_accuracy", "margin", "mse_w", "mse_l", "ref_mse_w", "ref_mse_l")
+
+
+def dpo_metrics(out: DpoOutput, area: str) -> dict[str, float]:
+    """DpoOutput -> {area/loss, area/implicit_accuracy, area/margin, area/mse_w, ...}."""
+    return {f"{area}/{name}": float(getattr(out, name).detach()) for name in DPO_METRICS}

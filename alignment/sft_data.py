@@ -18,15 +18,16 @@ import itertools
 import json
 import re
 import tarfile
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
-from base_model.errors import UserError
-
-if TYPE_CHECKING:
-    from alignment.jobs.sft import SftDataConfig
+from core.errors import UserError
+from core.tables import read_columns
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 CAPTION_EXTS = ("txt", "json")
@@ -36,10 +37,16 @@ MAX_IMAGE_PIXELS = 32 * 2**20
 MAX_MEMBER_BYTES = 256 * 2**20  # one file inside a tar shard
 
 
+@dataclass
+class SftDataConfig:
+    path: str = ""  # Parquet file, or WebDataset shards: a .tar, a directory of .tar, or shard-{000..009}.tar
+    caption_field: str = "caption"  # Parquet column; WebDataset: the .json field (else `prompt`)
+    image_field: str = "image"  # Parquet column (WebDataset: the .png/.jpg/.jpeg/.webp file)
+    image_size: int = 64  # pixels per side; multiple of 16
+
+
 def load_pairs(cfg: SftDataConfig) -> tuple[list[str], torch.Tensor]:
     """Captions [N] and images uint8 [N, 3, S, S] (centre crop + resize)."""
-    from PIL import UnidentifiedImageError
-
     records = read_tar_records(cfg) if is_webdataset(cfg.path) else read_parquet_records(cfg)
     captions, images = [], []
     for where, caption, raw in records:
@@ -57,10 +64,6 @@ def load_pairs(cfg: SftDataConfig) -> tuple[list[str], torch.Tensor]:
 def decode_image(raw: bytes, where: str):
     """Image bytes -> RGB PIL image, refusing (UserError naming `where`) an image whose header declares
     more than MAX_IMAGE_PIXELS; PIL's own decompression-bomb warning counts as an error too."""
-    import warnings
-
-    from PIL import Image
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -80,8 +83,6 @@ def is_webdataset(path: str) -> bool:
 
 def read_parquet_records(cfg: SftDataConfig) -> list[tuple[str, object, object]]:
     """(where, caption, image bytes) per row of a Parquet file."""
-    from rollout.tables import read_columns
-
     path = Path(cfg.path)
     if not path.is_file():
         raise UserError(f"SFT data not found: {path}")
@@ -175,9 +176,6 @@ def expand_braces(pattern: str) -> list[str]:
 
 def center_square(img, size: int) -> torch.Tensor:
     """PIL image -> uint8 [3, size, size]: centre crop to a square, bicubic resize."""
-    import numpy as np
-    from PIL import Image
-
     w, h = img.size
     s = min(w, h)
     img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))

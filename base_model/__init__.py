@@ -3,6 +3,6 @@
 Knows nothing of Ray, DeepSpeed or rewards. Import submodules directly (`base_model.model`, ...).
 """
 
-from base_model.compat import patch_torchvision
+from core.compat import patch_torchvision
 
-patch_torchvision()
+patch_torchvision()  # makes torchvision importable on a CPU-only torch, before transformers imports it

@@ -12,21 +12,23 @@ into place at the end, so a crash never leaves a half-written checkpoint under t
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from base_model.config import NextStepConfig, preset_config
-from base_model.errors import CheckpointError, check_state_dict
 from base_model.model import NextStepModel, gen_pos_embed_table
 from base_model.tokenizer import SpecialIds, build_tiny_tokenizer, load_tokenizer, special_ids
 from base_model.vae import NextStepVAE, load_vae, save_vae, vae_preset
+from core.errors import CheckpointError, check_state_dict
+from core.files import replace_dir
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -74,8 +76,6 @@ def save_checkpoint(
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Write `bundle` in the published layout (atomically replacing `directory`)."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
@@ -120,33 +120,16 @@ def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[list[s
     return shards + [current] if current else shards
 
 
-# what an interrupted write leaves next to its target: save_checkpoint's `.NAME.tmp-XXXXXXXX`, replace_dir's
-# `.NAME.old-PID` (alignment.runs stages checkpoints as `.step_N.tmp-staging`, atomic files as `.NAME.tmp-PID`)
-PARTIAL_WRITE = re.compile(r"^\.[^/]+\.(tmp|old)-\w+$")
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Rename the fully written directory `src` to `dst`, replacing an existing `dst` (moved aside first:
-    a directory cannot be renamed over a non-empty one)."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
-
-
-def remove_partial_writes(parent: Path) -> list[str]:
-    """Delete what interrupted writes left in `parent` (names matching PARTIAL_WRITE, nothing else); returns
-    the names. Only while no other process writes there (alignment.runs calls it under the run's lock)."""
-    found = sorted(p for p in parent.iterdir() if PARTIAL_WRITE.match(p.name)) if parent.is_dir() else []
-    for p in found:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
-    return [p.name for p in found]
+def save_published(
+    bundle: NextStepBundle, weights: dict[str, torch.Tensor], directory: Path, dtype: torch.dtype | None = None
+) -> None:
+    """Plain-model `weights` (`Learner.policy_weights()`: gathered under ZeRO-3, LoRA merged) into the
+    published layout, with the bundle's tokenizer and VAE. Never the engine's module state: under
+    ZeRO-3 its parameters are empty partitions."""
+    with torch.device("meta"):
+        plain = NextStepModel(bundle.model.config)
+    plain.load_state_dict(weights, strict=True, assign=True)
+    save_checkpoint(dataclasses.replace(bundle, model=plain), directory, dtype=dtype)
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -169,8 +152,6 @@ def load_config(directory: str | Path) -> NextStepConfig:
 
 def read_state_dict(directory: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All tensors of the model shards (index or single file), checked for corruption, on CPU."""
-    from safetensors import safe_open
-
     directory = Path(directory)
     index_path, single = directory / INDEX_NAME, directory / SINGLE_NAME
     if index_path.is_file():

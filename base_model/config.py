@@ -1,7 +1,7 @@
 """NextStepConfig: the published config.json fields (Qwen2 backbone + NextStep additions) and presets.
 
-Values marked UNVERIFIED in nextstep-model.md (vocab size, rope_theta, the image-area token id) are
-plain config fields: a published config.json overrides them.
+Values not confirmed against a published config.json (vocab size, rope_theta, the image-area token id)
+are plain config fields: a published config.json overrides them.
 
 Biases of the decoder layers, as NextStep-1's config (a LlamaConfig) reads them: q/k/v take
 `attention_bias`, o_proj `o_attention_bias` (None: same as attention_bias), the MLP `mlp_bias`. A
@@ -12,6 +12,8 @@ gets Qwen2's fixed layout instead: q/k/v biased, o_proj and MLP not.
 from __future__ import annotations
 
 from transformers import Qwen2Config
+
+from core.errors import ConfigError
 
 
 class NextStepConfig(Qwen2Config):
@@ -105,8 +107,6 @@ PRESETS: dict[str, dict] = {
 def preset_config(name: str, **overrides) -> NextStepConfig:
     """A NextStepConfig from a named preset; `overrides` win (e.g. vocab_size and token ids of a tokenizer)."""
     if name not in PRESETS:
-        from base_model.errors import ConfigError
-
         raise ConfigError(f"unknown model preset '{name}' (known: {', '.join(PRESETS)})")
     fields = dict(PRESETS[name])
     fields.update(overrides)

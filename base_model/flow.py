@@ -13,10 +13,12 @@ from typing import Literal
 
 import torch
 
+from core.errors import UserError
+
 SdeKind = Literal["sde", "ode", "cps"]
 LogProbReduction = Literal["sum", "mean"]
-# uniform: K steps on linspace(0,1,K+1), all of the sampler's kind (NextStep-1.1's hub sampler; every
-# result committed here; the hub sampler that nextstep-model.md §5 calls authoritative). final_euler: the
+# uniform: K steps on linspace(0,1,K+1), all of the sampler's kind (NextStep-1.1's hub sampler, the
+# authoritative one, docs/algorithms.md §3; every result committed here used it). final_euler: the
 # NextStep-1 GitHub release's `FlowMatchingHead.sample` (an older release), K-1 steps on
 # linspace(0, 1-0.04, K), then one deterministic Euler step of 0.04 from the last grid time.
 TimeGridKind = Literal["uniform", "final_euler"]
@@ -242,8 +244,6 @@ class PublishedNoise:
     """
 
     def __init__(self, seeds: torch.Tensor, dim: int, device: torch.device | str):
-        from base_model.errors import UserError
-
         first, last = int(seeds.min()), int(seeds.max())
         self.num_draw_rows = last - first + 1
         if self.num_draw_rows > seeds.numel():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from base_model.checkpoint import NextStepBundle
@@ -62,3 +65,15 @@ def generate_images(
         )  # fmt: skip
         out.append(decode_tokens(bundle, res.tokens, sampling.image_size))
     return torch.cat(out, dim=0)
+
+
+def make_grid(images: torch.Tensor, ncols: int) -> np.ndarray:
+    """uint8 [N, 3, H, W] -> HxWx3 numpy grid with `ncols` columns."""
+    n, _, h, w = images.shape
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    grid = np.zeros((nrows * h, ncols * w, 3), dtype=np.uint8)
+    for i, img in enumerate(images.numpy()):
+        r, c = divmod(i, ncols)
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = img.transpose(1, 2, 0)
+    return grid

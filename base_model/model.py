@@ -9,13 +9,18 @@ for o_proj, mlp_bias for the MLP; see NextStepConfig), not Qwen2's fixed one.
 
 from __future__ import annotations
 
+import warnings
+from functools import partial
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
 from base_model.config import NextStepConfig
 from base_model.head import FlowHead
 from base_model.sequence import attention_mask_4d
+from core.errors import UserError
 
 GEN_POS_GRID = 32  # side of NextStep's gen_pos_embed table (hard-coded there: 32 x 32 = 1024 tokens)
 
@@ -62,8 +67,6 @@ def pick_attention(config: NextStepConfig) -> str:
     SDPA (its memory-efficient / cuDNN kernels accept the mask) with a warning."""
     want = getattr(config, "_attn_implementation_internal", None) or "sdpa"
     if want == "flash_attention_2":
-        import warnings
-
         warnings.warn("flash_attention_2 is not wired for 4-D masks yet; using SDPA", stacklevel=2)
     return want if want == "eager" else "sdpa"
 
@@ -136,10 +139,6 @@ class NextStepModel(nn.Module):
                         m.bias.zero_()
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        from functools import partial
-
-        from torch.utils.checkpoint import checkpoint
-
         for layer in self.layers:
             layer.gradient_checkpointing = enabled
             layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
@@ -198,8 +197,6 @@ class NextStepModel(nn.Module):
             n = hidden.shape[1] if hidden.ndim == 3 else 1
             table = self.gen_pos_embed[0]  # [G*G, H]
             if token_index + n > table.shape[0]:
-                from base_model.errors import UserError
-
                 raise UserError(f"use_gen_pos_embed: the checkpoint's position table covers {table.shape[0]} "
                                 f"image tokens, this image needs {token_index + n}: sample a smaller one")  # fmt: skip
             pos = table[token_index : token_index + n].to(hidden.dtype)  # [n, H]

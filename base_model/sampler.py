@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from base_model.flow import (
     LogProbReduction,
@@ -31,6 +32,7 @@ from base_model.flow import (
 )
 from base_model.model import KVCache, NextStepModel
 from base_model.sequence import DEFAULT_MAX_PROMPT_TOKENS, PromptBatch, check_sequence_fits
+from core.errors import ConfigError
 
 INIT_NOISE_STEP = 0  # counter_noise stream of x^0; head step k uses stream k + 1
 
@@ -50,7 +52,7 @@ class SamplingConfig:
     # so the learner re-scores exactly the rows the sampler saw (policy: base_model/sequence.py)
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
     # uniform: K steps ending at t = 1, all of sde_kind (NextStep-1.1's sampler; the tiny and shapes
-    # results committed here were made with it; the authoritative hub sampler, nextstep-model.md §5).
+    # results committed here were made with it; the authoritative hub sampler, docs/algorithms.md §3).
     # final_euler: the NextStep-1 GitHub release's `FlowMatchingHead.sample` (an older release), K-1 steps on
     # linspace(0, 0.96, K) then one deterministic Euler step of 0.04 that carries no log-prob and is
     # never trained; set it to reproduce that release's images.
@@ -60,8 +62,6 @@ class SamplingConfig:
     noise: NoiseKind = "counter"
 
     def validate(self, where: str = "sampling") -> None:
-        from base_model.errors import ConfigError
-
         if self.image_size <= 0 or self.image_size % 16:
             raise ConfigError(f"{where}.image_size: {self.image_size} is not a positive multiple of 16")
         if self.num_head_steps < 1:
@@ -193,8 +193,6 @@ def sample_tokens(
     tokens, chains, logps = [], [], []
     steps = range(num_tokens)
     if progress:
-        from tqdm.auto import tqdm
-
         steps = tqdm(steps, desc="image tokens", leave=False)
     num_given = 0 if prefix_tokens is None else prefix_tokens.shape[1]
     for j in steps:

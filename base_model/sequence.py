@@ -15,11 +15,15 @@ positions together with the image block (`check_sequence_fits`).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from base_model.tokenizer import IMAGE_AREA_TOKEN, SpecialIds
+from base_model.config import PRESETS
+from base_model.tokenizer import IMAGE_AREA_TOKEN, SpecialIds, build_tiny_tokenizer, load_tokenizer
+from core.errors import ConfigError
 
 DOWN_FACTOR = 16  # pixels per image token side: VAE 8x times the 2x2 patch
 # Our choice, not published: far above any real text-to-image caption (CLIP reads 77, T5 in SD3 256)
@@ -117,8 +121,6 @@ def check_sequence_fits(max_prompt_tokens: int, image_hw: tuple[int, int], max_p
                         where: str) -> None:  # fmt: skip
     """ConfigError unless `max_prompt_tokens` >= 1 and the longest sequence fits `max_positions`
     (None: the model is not known yet, only the first check runs)."""
-    from base_model.errors import ConfigError
-
     if max_prompt_tokens < 1:
         raise ConfigError(f"{where}: must be >= 1, got {max_prompt_tokens}")
     if max_positions is None:
@@ -136,11 +138,6 @@ def check_sequence_fits(max_prompt_tokens: int, image_hw: tuple[int, int], max_p
 def model_max_positions(spec: str) -> int | None:
     """max_position_embeddings of a preset name or a checkpoint directory's config.json; None when the
     directory or its config cannot be read here (loading the model reports that, naming the file)."""
-    import json
-    from pathlib import Path
-
-    from base_model.config import PRESETS
-
     if spec in RANDOM_PRESETS:
         return PRESETS[spec]["max_position_embeddings"]
     try:
@@ -153,8 +150,6 @@ def model_max_positions(spec: str) -> int | None:
 def prompt_tokenizer(spec: str):
     """The tokenizer of a preset (the in-process byte-level one) or a checkpoint directory, without the
     weights: drivers that never load the model use it to count long prompts."""
-    from base_model.tokenizer import build_tiny_tokenizer, load_tokenizer
-
     return build_tiny_tokenizer() if spec in RANDOM_PRESETS else load_tokenizer(spec)
 
 

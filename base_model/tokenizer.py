@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from base_model.errors import CheckpointError
+from core.errors import CheckpointError
 
 PAD_TOKEN = "[PAD]"
 IMAGE_AREA_TOKEN = "<|image_area|>"

@@ -25,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from alignment.jobs.pipeline import Ledger, PipelineConfig, comparison_table, format_delta  # noqa: E402
-from base_model.schema import load_config  # noqa: E402
+from core.schema import load_config  # noqa: E402
 from dashboard.markdown import markdown_table  # noqa: E402
+from jobs.pipeline import Ledger, PipelineConfig, comparison_table, format_delta  # noqa: E402
 
 # checkpoint in the evaluation -> (what it is, the stages whose wall time it cost)
 METHODS = {
@@ -51,7 +51,7 @@ def main() -> int:
     p.add_argument("--replicate-samples", type=int, default=32, help="samples per prompt of the confirmation")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    rc = subprocess.call([sys.executable, "-m", "alignment.cli", "pipeline", args.config, *args.overrides], cwd=ROOT)
+    rc = subprocess.call([sys.executable, "-m", "jobs.cli", "pipeline", args.config, *args.overrides], cwd=ROOT)
     if rc != 0:
         return rc
     os.chdir(ROOT)
@@ -101,7 +101,7 @@ def confirmation(cfg: PipelineConfig, seed: int, samples: int) -> str:
     """Re-run the pipeline's evaluate stage with another sample seed (resumable) -> its comparison table."""
     stage = next(s for s in cfg.stages if s.job == "evaluate")
     out_dir = f"{cfg.report.eval_dir}_confirm"
-    cmd = [sys.executable, "-m", "alignment.cli", "evaluate", stage.config, *stage.overrides, f"out_dir={out_dir}",
+    cmd = [sys.executable, "-m", "jobs.cli", "evaluate", stage.config, *stage.overrides, f"out_dir={out_dir}",
            f"seed={seed}", f"samples_per_prompt={samples}"]  # fmt: skip
     if subprocess.call(cmd, cwd=ROOT) != 0:
         return f"\nConfirmation on seed {seed} failed: `{' '.join(cmd[1:])}`.\n"

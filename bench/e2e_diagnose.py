@@ -10,7 +10,7 @@ and prints, per checkpoint, from the exact detector:
   credit gets gamed, missing ones how a reward that punishes extras gets gamed;
 - per named object: a component of its colour exists / one of its colour and shape exists / when its colour
   is one component, that component has the named shape (colour-shape binding; ~1/3 by chance);
-- the shaped scene reward (`shapes/reward.py`, training-only) and GenEval's strict and partial means.
+- the shaped scene reward (`rewards/shapes_scene.py`, training-only) and GenEval's strict and partial means.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 from dashboard.markdown import markdown_table  # noqa: E402
 from rewards.geneval import read_metadata  # noqa: E402
+from rewards.shapes_detect import ShapesDetector  # noqa: E402
+from rewards.shapes_scene import scene_credit  # noqa: E402
 from rollout.prefs_format import decode_png  # noqa: E402
-from shapes.detect import ShapesDetector  # noqa: E402
-from shapes.reward import scene_credit  # noqa: E402
 
 
 def diagnose(rows: list[dict], table: dict, detector: ShapesDetector) -> dict[str, float]:
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt names. Named object: share of the prompt's objects for which a component of its colour (and "
         "shape) exists. Shape given colour: for named objects whose colour appears as exactly one component, the "
         "share drawn in the named shape (binding of colour to shape; about 1/3 by chance). Shaped reward: "
-        "`shapes/reward.py` (training-only), for comparison.", "",
+        "`rewards/shapes_scene.py` (training-only), for comparison.", "",
     ])  # fmt: skip
     Path(args.out).write_text(text, encoding="utf-8")
     print(text)

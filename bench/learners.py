@@ -48,7 +48,7 @@ def sft_data(path: Path, num_rows: int = 32) -> Path:
 
 def prefs_data(out: Path) -> Path:
     """A small build-prefs dataset (tiny model, JPEG reward) for the DPO step."""
-    from alignment.cli import main
+    from jobs.cli import main
 
     prompts = out.parent / "prompts.txt"
     prompts.write_text("".join(f"a scene with {i} coloured shapes\n" for i in range(32)))
@@ -67,7 +67,7 @@ def step_times(run: Path) -> list[float]:
 
 
 def run_job(job: str, overrides: list[str]) -> None:
-    from alignment.cli import main
+    from jobs.cli import main
 
     config = ROOT / "configs" / job / "tiny.yaml"
     if main([job, str(config), *overrides]) != 0:

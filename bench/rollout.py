@@ -37,8 +37,8 @@ PROMPT_FILE = ROOT / "prompts" / "pickscore_train.txt"
 
 def build(out: Path, overrides: list[str]) -> dict:
     """Run build-prefs in this process; steady-state prompts/s from its metrics rows, plus wall time."""
-    from base_model.schema import load_config
-    from rollout.build_prefs import BuildPrefsConfig, run_build_prefs
+    from core.schema import load_config
+    from jobs.build_prefs import BuildPrefsConfig, run_build_prefs
 
     cfg = load_config(BuildPrefsConfig, CONFIG, [f"out_dir={out}", *overrides])
     t0 = time.time()
@@ -53,7 +53,7 @@ def build(out: Path, overrides: list[str]) -> dict:
 def throughput_rows(preset: str, num_prompts: int, samples: int, steps: int, tmp: Path) -> list[tuple]:
     import ray
 
-    from rollout.pools import ensure_ray
+    from core.pools import ensure_ray
 
     common = [f"model={preset}", f"prompts.path={PROMPT_FILE}", f"prompts.limit={num_prompts}",
               f"samples_per_prompt={samples}", "prompts_per_shard=1", f"sampling.num_head_steps={steps}",
@@ -82,8 +82,8 @@ import json, resource, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
 import base_model
-from base_model.schema import load_config
-from rollout.build_prefs import BuildPrefsConfig, run_build_prefs
+from core.schema import load_config
+from jobs.build_prefs import BuildPrefsConfig, run_build_prefs
 cfg = load_config(BuildPrefsConfig, {config!r}, {overrides!r})
 t0 = time.time()
 run_build_prefs(cfg)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from dashboard.data import (
     EvalResults,
@@ -64,8 +65,6 @@ def r6(x: float) -> float | None:
 
 def image_signals(png: bytes) -> tuple[float, float]:
     """(brightness, saturation) of a thumbnail, both mean over pixels in [0, 1]."""
-    from PIL import Image
-
     img = Image.open(io.BytesIO(png)).convert("RGB")
     hsv = np.asarray(img.convert("HSV"), dtype=np.float64) / 255.0  # [H, W, 3]
     return float(np.asarray(img, dtype=np.float64).mean() / 255.0), float(hsv[..., 1].mean())

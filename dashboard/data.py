@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
 
-EVAL_MANIFEST = "eval.json"
+EVAL_MANIFEST = "eval.json"  # rollout/eval_format.py MANIFEST (not imported: it imports torch)
 PREFS_MANIFEST = "manifest.json"
 
 
@@ -40,9 +43,6 @@ def is_eval_dir(path: Path) -> bool:
 
 def read_eval(directory: str | Path, names: list[str] | None = None) -> EvalResults:
     """Rows of checkpoints `names` (default: all in eval.json), aligned on (prompt id, sample index)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     directory = Path(directory)
     manifest = json.loads((directory / EVAL_MANIFEST).read_text())
     names = list(manifest["checkpoints"]) if names is None else names
@@ -80,8 +80,6 @@ def read_eval(directory: str | Path, names: list[str] | None = None) -> EvalResu
 
 def thumbnail_features(png: bytes, side: int = 32) -> np.ndarray:
     """PNG bytes -> [side*side*3] float in [0, 1] (a cheap image descriptor for diversity)."""
-    from PIL import Image
-
     img = Image.open(io.BytesIO(png)).convert("RGB").resize((side, side), Image.BILINEAR)
     return np.asarray(img, dtype=np.float64).reshape(-1) / 255.0
 
@@ -126,9 +124,6 @@ def is_prefs_dir(path: Path) -> bool:
 
 def read_prefs(directory: str | Path, max_pairs: int = 2000) -> PrefPairs:
     """The first `max_pairs` pairs of a build-prefs dataset."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     directory = Path(directory)
     manifest = json.loads((directory / PREFS_MANIFEST).read_text())
     cols = ["prompt", "chosen_image", "rejected_image", "chosen_scores", "rejected_scores"]

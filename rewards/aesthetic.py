@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from base_model.errors import CheckpointError, ConfigError
+from core.errors import CheckpointError, ConfigError
 from rewards.base import RequiredFile, RewardOutput, check_inputs
 from rewards.common import (
     RatingMLP,

@@ -13,11 +13,12 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+import numpy as np
 import torch
 
-from base_model.errors import ConfigError, UserError
-from base_model.schema import from_dict
-from rollout.pools import PoolConfig
+from core.errors import ConfigError, UserError
+from core.pools import PoolConfig
+from core.schema import from_dict
 
 # type name -> module that defines `Config` and `build`
 REWARD_TYPES: dict[str, str] = {
@@ -29,7 +30,7 @@ REWARD_TYPES: dict[str, str] = {
     "ocr": "rewards.ocr",
     "geneval": "rewards.geneval",
     "jpeg": "rewards.jpeg",
-    "shapes_scene": "shapes.reward",  # the shapes world's shaped rule reward (training only)
+    "shapes_scene": "rewards.shapes_scene",  # the shapes world's shaped rule reward (training only)
 }
 
 
@@ -135,3 +136,19 @@ def check_inputs(images: torch.Tensor, prompts: list[str]) -> None:
         raise UserError(f"rewards take uint8 images [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
     if len(prompts) != images.shape[0]:
         raise UserError(f"rewards: {images.shape[0]} images but {len(prompts)} prompts")
+
+
+def reward_table(output: RewardOutput, reward_names: list[str]) -> dict[str, np.ndarray]:
+    """RewardOutput -> raw score per configured reward [B] (+ 'composite', the weighted sum)."""
+    table = {name: output.components[name].float().numpy() for name in reward_names if name != "composite"}
+    table["composite"] = output.scores.float().numpy()
+    return table
+
+
+def reward_metrics(out: RewardOutput) -> dict[str, float]:
+    """`reward/mean` of the total and `reward/<component>/mean|std` of every component."""
+    metrics = {"reward/mean": float(out.scores.mean()), "reward/std": float(out.scores.std(unbiased=False))}
+    for name, values in out.components.items():
+        metrics[f"reward/{name}/mean"] = float(values.float().mean())
+        metrics[f"reward/{name}/std"] = float(values.float().std(unbiased=False))
+    return metrics

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from base_model.errors import ConfigError
+from core.errors import ConfigError
 from rewards.base import RequiredFile, RewardOutput, check_inputs
 from rewards.common import (
     OPENAI_CLIP_MEAN,

@@ -38,7 +38,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
-from base_model.errors import ConfigError, UserError
+from core.errors import ConfigError, UserError
 from rewards.base import RequiredFile, RewardOutput, check_inputs
 from rewards.common import require_file
 
@@ -203,7 +203,7 @@ DETECTOR_ENTRY_POINTS = "nextstep_align.geneval_detectors"  # the entry-point gr
 
 
 def _shapes() -> Callable[..., Detector]:
-    from shapes.detect import ShapesDetector  # imported on use: shapes.detect imports this module
+    from rewards.shapes_detect import ShapesDetector  # imported on use: rewards.shapes_detect imports this module
 
     return ShapesDetector
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from base_model.errors import ConfigError
+from core.errors import ConfigError
 from rewards.base import RequiredFile, RewardOutput
 from rewards.clipscore import OpenClipScorer, build_open_clip, load_open_clip_weights, open_clip_tokenizer
 from rewards.common import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, finish_model

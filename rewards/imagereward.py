@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertTokenizer, BlipTextConfig, BlipTextModel
 
-from base_model.errors import CheckpointError, ConfigError
+from core.errors import CheckpointError, ConfigError
 from rewards.base import RequiredFile, RewardOutput, check_inputs
 from rewards.common import (
     OPENAI_CLIP_MEAN,

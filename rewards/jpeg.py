@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from PIL import Image
 
-from base_model.errors import ConfigError
+from core.errors import ConfigError
 from rewards.base import RequiredFile, RewardOutput, check_inputs
 from rewards.common import to_pil
 

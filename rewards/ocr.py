@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from rapidocr_onnxruntime import RapidOCR
 
-from base_model.errors import UserError
+from core.errors import UserError
 from rewards.base import RequiredFile, RewardOutput, check_inputs
 
 SOURCE = "PyPI rapidocr-onnxruntime (models inside the wheel)"

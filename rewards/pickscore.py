@@ -20,7 +20,7 @@ import torch
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, CLIPTokenizerFast
 
-from base_model.errors import CheckpointError, ConfigError
+from core.errors import CheckpointError, ConfigError
 from rewards.base import RequiredFile, RewardOutput, check_inputs
 from rewards.common import finish_model, load_hf_pretrained, seeded_init, to_pil
 

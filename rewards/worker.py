@@ -1,6 +1,6 @@
 """RewardWorker: holds the configured rewards on one device and scores batches.
 
-A plain class: it runs in-process (rollout.pools.LocalPool) or as a Ray actor (RayPool) unchanged,
+A plain class: it runs in-process (core.pools.LocalPool) or as a Ray actor (RayPool) unchanged,
 e.g. `make_pool(RewardWorker, (config,), config.pool)` then `pool.map("score", [(images, prompts), ...])`.
 Images are scored `micro_batch_images` at a time; outputs are CPU float32 so they travel cheaply.
 """

@@ -1,4 +1,6 @@
-"""RolloutBatch: what a rollout worker hands to reward workers and learners (design.md contract)."""
+"""RolloutBatch: what a rollout worker hands to reward workers and learners (a contract of docs/architecture.md),
+and the seeds its samples draw from: each a pure function of ids, indices, the run seed and the step, so a
+sample redone elsewhere or after a resume draws exactly the same noise."""
 
 from __future__ import annotations
 
@@ -30,6 +32,21 @@ class RolloutBatch:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    @classmethod
+    def concat(cls, parts: list[RolloutBatch]) -> RolloutBatch:
+        """Rollouts of consecutive prompt chunks -> one batch; group ids renumbered across chunks."""
+        offsets, groups = 0, []
+        for p in parts:
+            groups.append(p.group_ids + offsets)
+            offsets += int(p.group_ids.max()) + 1
+        return cls(
+            prompts=[s for p in parts for s in p.prompts], prompt_ids=[s for p in parts for s in p.prompt_ids],
+            group_ids=torch.cat(groups), seeds=torch.cat([p.seeds for p in parts]),
+            tokens=torch.cat([p.tokens for p in parts]), chains=torch.cat([p.chains for p in parts]),
+            log_probs=torch.cat([p.log_probs for p in parts]), images=torch.cat([p.images for p in parts]),
+            policy_version=parts[0].policy_version, sampling=parts[0].sampling,
+        )  # fmt: skip
+
     def select(self, index: torch.Tensor | list[int]) -> RolloutBatch:
         """Rows `index` (e.g. the kept groups) as a new batch."""
         idx = torch.as_tensor(index, dtype=torch.long)
@@ -48,3 +65,19 @@ def sample_seed(prompt_id: str, sample_index: int, run_seed: int) -> int:
     prompt redone on another worker after a crash draws exactly the same images."""
     digest = hashlib.sha1(f"{run_seed}:{prompt_id}:{sample_index}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def rollout_seed(run_seed: int, step: int) -> int:
+    """Run seed of the rollouts of GRPO step `step`: fresh noise every step, the same after a resume."""
+    digest = hashlib.sha1(f"grpo:{run_seed}:{step}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def continuation_seeds(sample_seeds: torch.Tensor, num_continuations: int, run_seed: int, step: int) -> torch.Tensor:
+    """Seeds [B, C] of the continuations of each sample's prefix at GRPO step `step`: a pure function
+    of (sample seed, continuation index, run seed, step), so a resumed run draws the same ones."""
+    step_seed = int.from_bytes(hashlib.sha1(f"grpo-continuation:{run_seed}:{step}".encode()).digest()[:4], "little")
+    return torch.tensor(
+        [[sample_seed(str(int(s)), c, step_seed) for c in range(num_continuations)] for s in sample_seeds.tolist()],
+        dtype=torch.long,
+    )  # fmt: skip

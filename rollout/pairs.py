@@ -1,4 +1,4 @@
-"""Preference-pair strategies over one prompt's group of G scored samples (algorithms.md §5).
+"""Preference-pair strategies over one prompt's group of G scored samples (docs/algorithms.md §9).
 
 Each strategy is a pure function of the group's score table -> a list of (chosen, rejected) sample
 indices. Ranking is by the primary reward, descending, ties broken by sample index, and a pair is
@@ -22,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 
-from base_model.errors import ConfigError
+from core.errors import ConfigError
 
 Strategy = Literal["nextstep", "best_worst", "margin", "agreement"]
 Pair = tuple[int, int]  # (chosen sample index, rejected sample index) within the group

@@ -21,6 +21,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from PIL import Image
+
+from core.errors import UserError
+from core.tables import concat_same_schema, read_columns
 
 SHARD_GLOB = "shard-*.parquet"
 DATA_DIR = "data"
@@ -50,8 +54,6 @@ def shard_name(index: int) -> str:
 
 def png_bytes(image: torch.Tensor) -> bytes:
     """uint8 [3, H, W] -> PNG bytes."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(buf, format="PNG")
     return buf.getvalue()
@@ -59,8 +61,6 @@ def png_bytes(image: torch.Tensor) -> bytes:
 
 def decode_png(raw: bytes) -> torch.Tensor:
     """PNG bytes -> uint8 [3, H, W]."""
-    from PIL import Image
-
     return torch.from_numpy(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")).copy()).permute(2, 0, 1)
 
 
@@ -89,8 +89,6 @@ def shard_paths(directory: str | Path) -> list[Path]:
 
 def sampled_image_size(sampling_json: str | None, where: str | Path) -> int:
     """image_size of a row's `sampling` column (the sampler settings as JSON)."""
-    from base_model.errors import UserError
-
     try:
         size = json.loads(sampling_json)["image_size"]
     except (TypeError, ValueError, KeyError):
@@ -102,9 +100,6 @@ def sampled_image_size(sampling_json: str | None, where: str | Path) -> int:
 
 def read_pairs(directory: str | Path) -> PreferencePairs:
     """All pairs of a build-prefs output directory (or one shard file)."""
-    from base_model.errors import UserError
-    from rollout.tables import concat_same_schema, read_columns
-
     paths = shard_paths(directory)
     if not paths:
         raise UserError(f"no preference shards in {directory} (expected {DATA_DIR}/{SHARD_GLOB})")

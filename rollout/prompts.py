@@ -14,7 +14,21 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from base_model.errors import UserError
+import pyarrow.parquet as pq
+
+from core.errors import ConfigError, UserError
+from core.tables import first_line, read_columns
+
+
+@dataclass
+class PromptSourceConfig:
+    path: str = "prompts/pickscore_train.txt"
+    field: str = "prompt"  # jsonl / json / tsv / parquet column
+    limit: int | None = 20000  # first `limit` unique prompts (None: all)
+
+    def validate(self, where: str = "prompts") -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"{where}.limit: must be >= 1 or null (all prompts), got {self.limit}")
 
 
 @dataclass(frozen=True)
@@ -118,10 +132,6 @@ def _read_tsv(path: Path, field_name: str):
 
 
 def _read_parquet(path: Path, field_name: str):
-    import pyarrow.parquet as pq
-
-    from rollout.tables import first_line, read_columns
-
     read_columns(path, {field_name: "string"}, "prompt file")  # one line naming a bad file or column
     try:
         table = pq.read_table(path)  # all columns: the others become each prompt's metadata

@@ -5,13 +5,37 @@ A plain class: it runs in-process (LocalPool) or as a Ray actor (RayPool) unchan
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, field
+
 import torch
 
 from base_model.checkpoint import load_checkpoint, resolve_model
 from base_model.generate import decode_tokens, sample_prompts
 from base_model.sampler import SamplingConfig
+from core.errors import ConfigError
+from core.pools import PoolConfig
 from rollout.batch import RolloutBatch, sample_seed
 from rollout.prompts import Prompt
+
+
+@dataclass
+class RolloutConfig:
+    """Where and how the policy samples (one RolloutWorker per pool worker)."""
+
+    device: str = "cpu"
+    dtype: str = "float32"  # bfloat16 on GPUs
+    micro_batch_samples: int = 16  # images sampled together by one worker
+    num_threads: int | None = None  # torch CPU threads per worker (None: as Ray / torch set them)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+
+    def validate(self, where: str) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"{where}.dtype: {self.dtype!r} is not one of float32, bfloat16, float16")
+        if self.micro_batch_samples < 1:
+            raise ConfigError(f"{where}.micro_batch_samples: must be >= 1")
+        if self.device.startswith("cuda") and self.pool.kind == "ray" and self.pool.num_gpus_per_worker <= 0:
+            raise ConfigError(f"{where}.pool.num_gpus_per_worker: device {self.device} needs a GPU per Ray worker")
 
 
 class RolloutWorker:
@@ -44,8 +68,6 @@ class RolloutWorker:
 
     def pid(self) -> int:
         """The worker's process id (in-process: the driver's)."""
-        import os
-
         return os.getpid()
 
     def load_checkpoint(self, directory: str, version: int) -> int:
@@ -75,3 +97,42 @@ class RolloutWorker:
             log_probs=torch.cat([p.log_probs for p in parts]).cpu() if record_chains else None,
             images=images, policy_version=self.policy_version, sampling=self.sampling,
         )  # fmt: skip
+
+
+class GrpoRolloutWorker(RolloutWorker):
+    """A RolloutWorker whose rollouts take the step's run seed, so every GRPO step draws fresh noise
+    while a sample stays a pure function of (prompt id, sample index, run seed, step, weights)."""
+
+    def rollout_step(self, prompts: list[Prompt], samples_per_prompt: int, step_seed: int) -> RolloutBatch:
+        self.run_seed = step_seed
+        return self.rollout(prompts, samples_per_prompt, record_chains=True)
+
+    def continue_prefixes(self, prompts: list[str], prefix_tokens: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """Images uint8 [b, 3, S, S]: prompts[i] continued from prefix_tokens[i] [m, 64] with seeds[i]."""
+        out = []
+        for s in range(0, len(prompts), self.micro_batch_samples):
+            e = s + self.micro_batch_samples
+            res = sample_prompts(self.bundle, prompts[s:e], seeds[s:e], self.sampling,
+                                 prefix_tokens=prefix_tokens[s:e].to(self.device))  # fmt: skip
+            out.append(decode_tokens(self.bundle, res.tokens, self.sampling.image_size))
+        return torch.cat(out)
+
+
+def split_prompts(prompts: list[Prompt], num_parts: int) -> list[list[Prompt]]:
+    """Consecutive, near-equal chunks of whole prompts (groups stay on one worker)."""
+    n = min(num_parts, len(prompts))
+    size, extra = divmod(len(prompts), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + size + (1 if i < extra else 0)
+        out.append(prompts[start:end])
+        start = end
+    return out
+
+
+def group_chunks(num_samples: int, group: int, num_parts: int) -> list[tuple[int, int]]:
+    """(start, end) sample ranges of whole groups, one per worker at most."""
+    num_groups = num_samples // group
+    n = min(num_parts, num_groups)
+    bounds = [round(i * num_groups / n) * group for i in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))

@@ -3,7 +3,7 @@
 A spec is one coloured shape ("a red circle"), two equal ones ("two green triangles", GenEval's
 counting tag) or two different shapes in a relation ("a red circle on the left of a blue square",
 GenEval's position tag plus colours). Every spec has a caption and a GenEval metadata record, so the
-rule reward (`rewards.geneval` + `shapes.detect`) checks images against it. Layouts are drawn so the
+rule reward (`rewards.geneval` + `rewards.shapes_detect`) checks images against it. Layouts are drawn so the
 relation holds by GenEval's own rule with a margin, and objects never touch: generator and detector
 agree exactly on every rendered scene (tests/shapes).
 """

@@ -19,9 +19,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
 
-from base_model.errors import ConfigError
-from shapes.scenes import COLORS, KINDS, SHAPES, Geometry, Scene, Spec, all_specs, caption, corrupt, layout, record
+from core.errors import ConfigError
+from shapes.scenes import (
+    COLORS,
+    KINDS,
+    SHAPES,
+    Geometry,
+    Scene,
+    Spec,
+    all_specs,
+    caption,
+    corrupt,
+    layout,
+    record,
+    render,
+)
 
 SPLIT_STREAMS = {"partition": 0, "pretrain": 1, "sft": 2, "prefs": 3, "eval": 4, "noise": 5, "heldout": 6}
 
@@ -160,8 +176,6 @@ def prompt_split(cfg: WorldDataConfig, name: str) -> list[Example]:
 
 def png_bytes(image: np.ndarray) -> bytes:
     """uint8 [H, W, 3] -> PNG bytes."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
@@ -169,11 +183,6 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 def write_parquet(examples: list[Example], path: str | Path, image_size: int = 64) -> Path:
     """Rows caption, image (PNG bytes), true_caption, noisy -> Parquet (what `nsalign sft` reads)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from shapes.scenes import render
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table({

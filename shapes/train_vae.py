@@ -20,8 +20,18 @@ from pathlib import Path
 
 import torch
 
-from base_model.errors import ConfigError
-from base_model.vae import NextStepVAE, VAEConfig, patchify, perturb_latent, token_layer_norm, unpatchify
+from base_model.vae import (
+    NextStepVAE,
+    VAEConfig,
+    patchify,
+    perturb_latent,
+    save_vae,
+    to_uint8,
+    token_layer_norm,
+    unpatchify,
+)
+from core.errors import ConfigError
+from core.schema import load_config
 
 
 @dataclass
@@ -115,17 +125,13 @@ def train_vae(cfg: VaeTrainConfig, images: torch.Tensor, log_every: int = 50) ->
 @torch.no_grad()
 def reconstruct(vae: NextStepVAE, images: torch.Tensor) -> torch.Tensor:
     """uint8 [N, 3, H, W] -> uint8 reconstructions through the posterior mean (what SFT encodes)."""
-    from base_model.vae import to_uint8
-
     h, w = images.shape[-2:]
     tokens = vae.encode(images.float() / 127.5 - 1.0)  # [N, h*w, 64]
     return to_uint8(vae.decode(tokens, (h // 16, w // 16)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from base_model.schema import load_config
-    from base_model.vae import save_vae
-    from shapes.build_world import WorldConfig, world_images
+    from shapes.world import WorldConfig, world_images
 
     p = argparse.ArgumentParser(description="train the shapes-world VAE only (build_world runs it too)")
     p.add_argument("config", help="world config (configs/shapes_world/world.yaml)")

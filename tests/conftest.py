@@ -34,7 +34,7 @@ def ray_session():
     """Start Ray once for every `ray` test of the session (about 4 s); shut it down at the end."""
     import ray
 
-    from rollout.pools import ensure_ray
+    from core.pools import ensure_ray
 
     ensure_ray(num_cpus=2)
     yield

@@ -5,19 +5,19 @@ from pathlib import Path
 
 import pytest
 
-from base_model.schema import load_config
+from core.schema import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SCHEMAS = {  # configs/<dir>/*.yaml -> "module:Schema"
-    "sft": "alignment.jobs.sft:SftConfig",
+    "sft": "jobs.sft:SftConfig",
     "rewards": "rewards.base:RewardsConfig",
-    "prefs": "rollout.build_prefs:BuildPrefsConfig",
-    "dpo": "alignment.jobs.dpo:DpoConfig",
-    "grpo": "alignment.jobs.grpo:GrpoConfig",
-    "evaluate": "alignment.jobs.evaluate:EvaluateConfig",
-    "select": "alignment.jobs.select:SelectConfig",
-    "shapes": "alignment.jobs.sft:SftConfig",
-    "shapes_world": "shapes.build_world:WorldConfig",
+    "prefs": "jobs.build_prefs:BuildPrefsConfig",
+    "dpo": "jobs.dpo:DpoConfig",
+    "grpo": "jobs.grpo:GrpoConfig",
+    "evaluate": "jobs.evaluate:EvaluateConfig",
+    "select": "jobs.select:SelectConfig",
+    "shapes": "jobs.sft:SftConfig",
+    "shapes_world": "jobs.shapes_world:WorldConfig",
 }
 PIPELINES = {"quickstart", "e2e"}  # configs/<dir>/pipeline.yaml + the stage configs it names
 ALL = sorted(CONFIGS.rglob("*.yaml"))
@@ -32,7 +32,7 @@ def test_config_loads(path, monkeypatch):
     monkeypatch.chdir(CONFIGS.parent)  # configs name each other relative to the repository root
     job = path.relative_to(CONFIGS).parts[0]
     if job in PIPELINES:  # validated through the pipeline that runs it, with that stage's overrides
-        from alignment.jobs.pipeline import PipelineConfig, check_stage_configs
+        from jobs.pipeline import PipelineConfig, check_stage_configs
 
         pipeline = load_config(PipelineConfig, path.parent / "pipeline.yaml")
         check_stage_configs(pipeline)
@@ -48,7 +48,7 @@ def test_exponent_without_a_dot_is_a_number_and_words_are_not(tmp_path):
     # YAML 1.1 reads `1e-5` as the string "1e-5"; a float field takes it as 1e-5, in a file or an override.
     from dataclasses import dataclass
 
-    from base_model.errors import ConfigError
+    from core.errors import ConfigError
 
     @dataclass
     class Cfg:

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from alignment.learner import Learner, LearnerConfig, NonFiniteLossError, lr_lambda
+from alignment.learner import Learner, NonFiniteLossError
+from alignment.learner_config import LearnerConfig, lr_lambda
 from base_model.checkpoint import build_random
 from base_model.sequence import build_prompt_batch
 from base_model.teacher_forcing import sft_loss
@@ -39,6 +40,8 @@ def test_sft_steps_reduce_the_loss_and_report_health_metrics():
     first = learner.step(data, loss_fn)
     for _ in range(5):
         last = learner.step(data, loss_fn)
+    assert first.updated and last.updated
+    first, last = first.metrics, last.metrics
     assert last["train/loss"] < first["train/loss"]
     assert set(first) >= {"train/loss", "train/grad_norm", "train/lr", "sft/flow_matching"}
     assert math.isfinite(first["train/grad_norm"]) and learner.step_count == 6
@@ -63,7 +66,7 @@ def test_every_zero_stage_accumulates_all_micro_batches():
     weights = {}
     for stage in (0, 1, 2, 3):
         learner, data, loss_fn = _sft_setup(stage)
-        assert learner.step(data, loss_fn)["train/grad_norm"] == pytest.approx(norm, rel=1e-5), f"stage {stage}"
+        assert learner.step(data, loss_fn).metrics["train/grad_norm"] == pytest.approx(norm, rel=1e-5), f"stage {stage}"
         weights[stage] = learner.policy_weights()
     for stage in (1, 2, 3):
         assert all(torch.allclose(weights[0][k], weights[stage][k], atol=1e-6) for k in weights[0]), f"stage {stage}"
@@ -78,7 +81,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_job():
         return loss * float("nan"), m
 
     out = learner.step(data, nan_loss)
-    assert out["train/skipped_nonfinite"] == 1.0 and learner.step_count == 0
+    assert not out.updated and out.metrics == {"train/skipped_nonfinite": 1.0} and learner.step_count == 0
     after = learner.policy_weights()
     assert all(torch.equal(before[k], after[k]) for k in before)
     learner.step(data, nan_loss)
@@ -107,9 +110,10 @@ def test_resume_is_exact(tmp_path):
 def test_lora_step_trains_only_adapters_and_merges_into_plain_weights():
     """A LoRA DPO step moves adapter weights only; the reference (adapters off) is the starting model;
     policy_weights() has the plain keys with W + (alpha/r) B @ A and loads into a plain model."""
-    from alignment.jobs.dpo import PairBatch, pair_errors
-    from alignment.learner import LoraConfig, lora_layers
+    from alignment.learner_config import LoraConfig
+    from alignment.lora import lora_layers
     from alignment.losses import diffusion_dpo_loss
+    from alignment.objectives import PairBatch, pair_errors
 
     bundle = build_random("tiny", seed=0)
     start = {k: v.clone() for k, v in bundle.model.state_dict().items()}
@@ -132,7 +136,7 @@ def test_lora_step_trains_only_adapters_and_merges_into_plain_weights():
         return out.loss, {}
 
     before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
-    first = learner.step([batch], loss_fn)
+    first = learner.step([batch], loss_fn).metrics
     assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-6)  # B = 0 at init: policy == reference
     learner.step([batch], loss_fn)
     changed = {n for n, p in learner.model.named_parameters() if not torch.equal(p, before[n])}

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from base_model.checkpoint import INDEX_NAME, load_checkpoint, save_checkpoint
-from base_model.errors import CheckpointError
 from base_model.generate import generate_images
 from base_model.sampler import SamplingConfig
+from core.errors import CheckpointError
 
 SMALL = SamplingConfig(image_size=64, cfg_scale=2.0, num_head_steps=4)
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from base_model.checkpoint import build_random, load_checkpoint, save_checkpoint
-from base_model.errors import UserError
 from base_model.flow import (
     PUBLISHED_LAST_STEP,
     PublishedNoise,
@@ -23,6 +22,7 @@ from base_model.model import gen_pos_embed_table
 from base_model.sampler import SamplingConfig, guided_velocity, sample_token
 from base_model.sequence import build_prompt_batch
 from base_model.teacher_forcing import score_chains, teacher_forced
+from core.errors import UserError
 
 PUBLISHED = SamplingConfig(image_size=64, cfg_scale=3.0, num_head_steps=5, time_grid="final_euler")
 
@@ -45,7 +45,7 @@ def test_published_grid_hand_values():
 
 
 def test_published_grid_needs_two_steps():
-    from base_model.errors import ConfigError
+    from core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="time_grid final_euler needs >= 2"):
         SamplingConfig(image_size=64, num_head_steps=1, time_grid="final_euler").validate()

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-from base_model.errors import CheckpointError, ConfigError
 from base_model.vae import (
     NextStepVAE,
     VAEConfig,
@@ -18,6 +17,7 @@ from base_model.vae import (
     unpatchify,
     vae_preset,
 )
+from core.errors import CheckpointError, ConfigError
 
 FLUX_AE_PARAMETERS = 83_819_683  # encoder + decoder tensors of FLUX.1's ae.safetensors
 

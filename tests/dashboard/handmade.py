@@ -21,7 +21,7 @@ def png(rng: np.random.Generator, side: int = 16) -> bytes:
 def eval_dir(out: Path, prompts: list[str]) -> Path:
     """An `nsalign evaluate` output: checkpoints a and b, one seed per prompt, jpeg score = prompt index
     (+1 for b)."""
-    from alignment.jobs.evaluate import rows_schema
+    from rollout.eval_format import rows_schema
 
     rng = np.random.default_rng(2)
     for c, name in enumerate(("a", "b")):

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from alignment.cli import main
-from tests.alignment.test_select_job import PROMPTS, make_tiny_run
+from jobs.cli import main
 from tests.dashboard.handmade import eval_dir
+from tests.jobs.test_select_job import PROMPTS, make_tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
 EVALUATE, SELECT = ROOT / "configs" / "evaluate" / "tiny.yaml", ROOT / "configs" / "select" / "tiny.yaml"
@@ -126,7 +126,7 @@ def test_dashboard_error_is_one_line(tmp_path, capsys):
 
 
 def test_serve_binds_localhost_and_stops(pipeline):
-    from dashboard.cli import serve
+    from jobs.dashboard import serve
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -232,7 +232,7 @@ def test_dashboard_imports_no_training_code():
     import subprocess
     import sys
 
-    code = ("import sys, dashboard.cli, dashboard.build; "
+    code = ("import sys, jobs.dashboard, dashboard.build; "
             "print([m for m in sys.modules if m.split('.')[0] in "
             "('torch', 'alignment', 'base_model', 'rollout', 'rewards', 'deepspeed', 'ray')])")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)

@@ -3,7 +3,7 @@
 import json
 import re
 
-from dashboard.page import json_for_script, render
+from dashboard.page import json_for_script, render, script
 
 HOSTILE = "<!--<script></script>&"
 
@@ -32,3 +32,11 @@ def test_hostile_prompt_stays_inside_the_data_block():
     assert json.loads(block) == data  # the whole payload, so the element really ended where it should
     assert page.count("</script>") == 2  # the data element's and the program's: no stray closing tag
     assert "<title>&lt;!--&lt;script&gt;&lt;/script&gt;&amp;</title>" in page
+
+
+def test_the_program_is_the_packaged_js_file_inlined():
+    """dashboard/dashboard.js (package data) is the page's program, inlined whole: nothing to fetch."""
+    program = script()
+    assert '"use strict";' in program and 'setAttribute("data-ready", "1")' in program
+    page = render({"title": "t", "generated": "now", "evals": [], "runs": [], "prefs": []})
+    assert f"<script>{program}</script>" in page

@@ -87,3 +87,12 @@ def test_rank_correlation():
     x = np.array([1.0, 2.0, 3.0, 4.0])
     assert spearman(x, x**3) == pytest.approx(1.0)
     assert spearman(x, -x) == pytest.approx(-1.0)
+
+
+def test_the_dashboard_reads_the_eval_format_evaluate_writes():
+    """dashboard/data.py names the eval files itself (the dashboard imports no torch, so not
+    rollout/eval_format.py); the two must agree."""
+    from dashboard.data import EVAL_MANIFEST
+    from rollout.eval_format import MANIFEST
+
+    assert EVAL_MANIFEST == MANIFEST

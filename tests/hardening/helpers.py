@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-from alignment.cli import main
+from jobs.cli import main
 
 
 @dataclass
@@ -53,3 +55,13 @@ def run_bad_input(case: BadInput, capsys: pytest.CaptureFixture) -> str:
     new = sorted(snapshot(case.watch) - before)
     assert not new, f"{case.name}: left behind {new}"
     return lines[0]
+
+
+def patch_everywhere(monkeypatch: pytest.MonkeyPatch, module: ModuleType, name: str, value: object) -> None:
+    """Replace `module.name` and every imported module's own reference to it (`from module import name`
+    binds the function where it is used), so a guard sees every call."""
+    real = getattr(module, name)
+    for other in list(sys.modules.values()):
+        if other is not None and other is not module and getattr(other, name, None) is real:
+            monkeypatch.setattr(other, name, value)
+    monkeypatch.setattr(module, name, value)

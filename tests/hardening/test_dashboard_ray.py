@@ -18,9 +18,9 @@ import pytest
 from safetensors.torch import save_file
 
 from base_model.checkpoint import INDEX_NAME, shard_header, tensor_entry_problem, verify_shards
-from base_model.errors import CheckpointError
-from rollout import pools
-from rollout.ray_reaper import is_running, session_pids
+from core import pools
+from core.errors import CheckpointError
+from core.ray_reaper import is_running, session_pids
 from tests.dashboard.handmade import eval_dir
 from tests.hardening.helpers import BadInput, run_bad_input
 
@@ -166,7 +166,7 @@ def _job_case(job: str, model: Path, shard: Path, tmp: Path) -> BadInput:
                 f"eval.prompts.path={prompts}", f"eval.rollout.pool={ray_pool}"]  # fmt: skip
     else:
         argv = [str(ROOT / "configs/grpo/tiny.yaml"), f"model={model}", f"prompts={prompts}",
-                f"runs_root={tmp / 'runs'}", f"rollout_pool={ray_pool}"]  # fmt: skip
+                f"runs_root={tmp / 'runs'}", f"rollout.pool={ray_pool}"]  # fmt: skip
     # select watches what it writes into the run (select/, selection.*), not the run's own lock file
     watch = [tmp / "run" / "select", tmp / "run" / "step_000001"] if job == "select" else [tmp]
     return BadInput(job, [job, *argv], message, watch)
@@ -216,6 +216,7 @@ def test_signal_handler_shuts_down_then_hands_the_signal_on(monkeypatch):
     monkeypatch.setattr(pools, "_ray_owner", [0])
     saved = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGINT)}
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as before any pool (an earlier test's may be live)
         signal.signal(signal.SIGHUP, lambda signum, frame: calls.append(f"previous {signum}"))
         previous = pools._signal_handlers()
         assert previous[signal.SIGINT] is signal.default_int_handler
@@ -264,7 +265,7 @@ def test_ignored_signals_stay_ignored():
 
 DRIVER = """
 import os, sys, time
-from rollout.pools import ensure_ray
+from core.pools import ensure_ray
 import ray
 ensure_ray(num_cpus=1)
 @ray.remote(num_cpus=1)

@@ -20,9 +20,6 @@ import torch
 import yaml
 from PIL import Image
 
-from alignment.cli import main
-from base_model.errors import ConfigError, UserError
-from base_model.schema import yaml_error_line
 from base_model.sequence import (
     DEFAULT_MAX_PROMPT_TOKENS,
     append_image_block,
@@ -32,7 +29,10 @@ from base_model.sequence import (
     truncation_note,
 )
 from base_model.tokenizer import build_tiny_tokenizer, special_ids
-from tests.hardening.helpers import BadInput, run_bad_input
+from core.errors import ConfigError, UserError
+from core.schema import yaml_error_line
+from jobs.cli import main
+from tests.hardening.helpers import BadInput, patch_everywhere, run_bad_input
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -307,7 +307,7 @@ def test_bad_input(name, files, tmp_path, capsys, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(base_model.checkpoint, "resolve_model", no_model)
+    patch_everywhere(monkeypatch, base_model.checkpoint, "resolve_model", no_model)
     case = {c.name: c for c in _cases(files, runs)}[name]
     run_bad_input(case, capsys)
 
@@ -327,7 +327,7 @@ def test_generate_refuses_a_read_only_out_dir_before_sampling(tmp_path, capsys, 
         raise AssertionError("sampled before checking the output directory")
 
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
-    monkeypatch.setattr(base_model.checkpoint, "resolve_model", no_model)
+    patch_everywhere(monkeypatch, base_model.checkpoint, "resolve_model", no_model)
     out = tmp_path / "ro" / "grid.png"
     case = BadInput("read-only out", ["generate", "--checkpoint", "tiny", "--prompt", "a", "--out", str(out)],
                     f"--out: cannot write to {tmp_path} (Read-only file system)", [tmp_path])  # fmt: skip
@@ -339,7 +339,7 @@ def _disk_full(*args, **kwargs):
 
 
 def test_a_full_disk_while_writing_a_shard_is_one_error_and_no_temp_file(tmp_path, monkeypatch):
-    from rollout.build_prefs import write_shard
+    from jobs.build_prefs import write_shard
 
     (tmp_path / "data").mkdir()
 
@@ -387,7 +387,7 @@ def test_a_full_disk_while_saving_the_vae_is_one_error_and_no_temp_file(tmp_path
 
 def test_other_write_errors_keep_their_traceback(tmp_path, monkeypatch):
     """An I/O fault that is not the user's to fix (EIO) is not dressed up as bad input."""
-    from rollout.build_prefs import write_shard
+    from jobs.build_prefs import write_shard
 
     (tmp_path / "data").mkdir()
 

@@ -2,7 +2,7 @@
 life), a non-finite stop that leaves `latest` and its files untouched and metrics without a repeated step,
 checkpoints renamed into place only when complete, leftovers of killed writes swept on start, and output
 directories that cannot be written refused in one line before anything is written. Every job runs through
-`nsalign` (`alignment.cli.main`) on the tiny preset."""
+`nsalign` (`jobs.cli.main`) on the tiny preset."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from alignment.cli import main
-from alignment.runs import LOCK, lock_dir, prepare_run_dir
-from base_model.errors import UserError
+from core.errors import UserError
+from core.files import LOCK, lock_dir
+from core.runs import prepare_run_dir
+from jobs.cli import main
 from tests.hardening.helpers import BadInput, run_bad_input
 
 pytestmark = pytest.mark.deepspeed
@@ -55,7 +56,7 @@ def sft_config(tmp_path: Path) -> Path:
 
 def dpo_config(tmp_path: Path) -> Path:
     """4 best-vs-worst pairs of the tiny model and a DPO config on them, shaped like sft_config's."""
-    from tests.alignment.test_dpo_job import build_jpeg_prefs
+    from tests.jobs.test_dpo_job import build_jpeg_prefs
 
     prefs = build_jpeg_prefs(tmp_path / "prefs", num_prompts=4, samples_per_prompt=2)
     cfg = tmp_path / "dpo.yaml"
@@ -79,7 +80,7 @@ def job_argv(job: str, tmp_path: Path) -> list[str]:
 
 HOLDER = """import sys
 from contextlib import ExitStack
-from alignment.runs import lock_dir
+from core.files import lock_dir
 with ExitStack() as held:
     for line in sys.stdin:  # DIRECTORY<TAB>JOB<TAB>LOCK_NAME; held until the test module closes our stdin
         held.enter_context(lock_dir(*line.rstrip("\\n").split("\\t")))
@@ -163,10 +164,11 @@ def test_a_second_job_on_a_locked_directory_stops_naming_the_holder(tmp_path, ca
 
 
 def nan_losses(monkeypatch, job: str, bad_calls: set[int] | None) -> None:
-    """Make the job's loss NaN on its `bad_calls`-th calls (0-based; None: every call)."""
-    module, name = {"sft": ("base_model.teacher_forcing", "sft_loss"),
-                    "dpo": ("alignment.losses", "diffusion_dpo_loss"),
-                    "grpo": ("alignment.objectives", "grpo_objective")}[job]  # fmt: skip
+    """Make the job's loss NaN on its `bad_calls`-th calls (0-based; None: every call), patched in the job's
+    module, where it looks the loss up."""
+    module, name = {"sft": ("jobs.sft", "sft_loss"),
+                    "dpo": ("jobs.dpo", "diffusion_dpo_loss"),
+                    "grpo": ("jobs.grpo", "grpo_objective")}[job]  # fmt: skip
     target = importlib.import_module(module)
     real, calls = getattr(target, name), []
 

@@ -29,7 +29,7 @@ import pytest
 import torch
 from PIL import Image
 
-from base_model.errors import CheckpointError, ConfigError
+from core.errors import CheckpointError, ConfigError
 from tests.hardening.helpers import BadInput, run_bad_input
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,7 +73,7 @@ def test_a_config_naming_os_system_as_detector_is_refused_and_runs_nothing(tmp_p
 
 @pytest.mark.parametrize("detector", ["shapes", "shapes.detect:ShapesDetector"])  # the name; a legacy rewards.yaml
 def test_the_shapes_detector_still_loads_by_name(tmp_path, capsys, detector):
-    from alignment.cli import main
+    from jobs.cli import main
 
     assert main(["rewards", "check", str(_rewards_yaml(tmp_path, detector, {"min_area": 10})), "--load"]) == 0
     assert "all 1 rewards ready and loadable" in capsys.readouterr().out
@@ -83,10 +83,13 @@ def test_plugins_come_from_entry_points_and_cannot_replace_builtins(monkeypatch)
     from importlib.metadata import EntryPoint
 
     import rewards.geneval as geneval
-    from shapes.detect import ShapesDetector
+    from rewards.shapes_detect import ShapesDetector
 
     group = geneval.DETECTOR_ENTRY_POINTS
-    declared = [EntryPoint("shapes", "os:system", group), EntryPoint("mine", "shapes.detect:ShapesDetector", group)]
+    declared = [
+        EntryPoint("shapes", "os:system", group),
+        EntryPoint("mine", "rewards.shapes_detect:ShapesDetector", group),
+    ]
 
     def entry_points(group: str) -> list[EntryPoint]:
         return [ep for ep in declared if ep.group == group]
@@ -110,7 +113,7 @@ def _draws() -> tuple:
 
 
 def test_rng_round_trips_exactly_through_the_json_checkpoint(tmp_path):
-    from alignment.runs import RNG_STATE, TrainerState, finish_checkpoint, load_trainer_state, prepare_run_dir
+    from core.runs import RNG_STATE, TrainerState, finish_checkpoint, load_trainer_state, prepare_run_dir
 
     run = prepare_run_dir(tmp_path, "r", {})
     random.gauss(0, 1), np.random.randn()  # leave a cached gaussian in both python and numpy
@@ -132,7 +135,7 @@ def test_rng_round_trips_exactly_through_the_json_checkpoint(tmp_path):
 
 
 def test_a_legacy_pickled_rng_state_is_refused_unopened(tmp_path):
-    from alignment.runs import LEGACY_RNG_STATE, RNG_STATE, TrainerState, finish_checkpoint, load_trainer_state
+    from core.runs import LEGACY_RNG_STATE, RNG_STATE, TrainerState, finish_checkpoint, load_trainer_state
 
     step_dir = tmp_path / "step_000001"
     step_dir.mkdir()
@@ -201,7 +204,7 @@ def _sft_job(tmp_path: Path) -> Path:
 
 @pytest.mark.deepspeed
 def test_a_crafted_pickle_in_a_checkpoint_stops_the_resume_and_runs_nothing(tmp_path, capsys):
-    from alignment.cli import main
+    from jobs.cli import main
 
     cfg = _sft_job(tmp_path)
     assert main(["sft", str(cfg), "steps=2"]) == 0
@@ -335,7 +338,7 @@ def test_a_reward_checkpoint_that_is_a_crafted_pickle_is_refused_in_one_line(tmp
 
 
 def test_the_cli_prints_a_many_line_message_as_one_line():
-    from alignment.cli import one_line
+    from jobs.cli import one_line
 
     message = "bad file\n  column 'x': int64\n\nexpected string\n"
     assert one_line(message) == "bad file; column 'x': int64; expected string"

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from base_model.schema import from_dict
+from core.pools import LocalPool, PoolConfig, RayPool, make_pool
+from core.schema import from_dict
 from rewards.base import RewardOutput, RewardsConfig
 from rewards.composite import CompositeReward, RunningNorm, build_composite
 from rewards.worker import RewardWorker
-from rollout.pools import LocalPool, PoolConfig, RayPool, make_pool
 from tests.rewards.helpers import random_images
 
 

@@ -8,9 +8,9 @@ import torch
 import yaml
 from PIL import Image
 
-from alignment.cli import main
-from base_model.errors import ConfigError, UserError
-from base_model.schema import from_dict, load_config
+from core.errors import ConfigError, UserError
+from core.schema import from_dict, load_config
+from jobs.cli import main
 from rewards.base import RewardsConfig, check_inputs
 from rewards.common import letterbox, resize_center_crop
 from rewards.imagereward import Config as ImageRewardConfig

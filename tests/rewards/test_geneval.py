@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from base_model.errors import ConfigError, UserError
-from base_model.schema import from_dict
+from core.errors import ConfigError, UserError
+from core.schema import from_dict
 from rewards.geneval import (
     Clauses,
     Config,

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from base_model.errors import CheckpointError, ConfigError
-from base_model.schema import from_dict
+from core.errors import CheckpointError, ConfigError
+from core.schema import from_dict
 from rewards.imagereward import (
     MED_CONFIG_TINY,
     PUBLISHED_UNUSED_KEYS,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from base_model.errors import UserError
+from core.errors import UserError
 from rewards import jpeg, ocr
 from tests.rewards.helpers import random_images
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from base_model.errors import CheckpointError, ConfigError
-from base_model.schema import from_dict
+from core.errors import CheckpointError, ConfigError
+from core.schema import from_dict
 from rewards.clipscore import ClipScore, OpenClipScorer, build_open_clip, clip_s
 from rewards.clipscore import Config as ClipConfig
 from rewards.clipscore import build as build_clipscore

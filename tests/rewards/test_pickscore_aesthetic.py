@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from base_model.errors import CheckpointError
+from core.errors import CheckpointError
 from rewards import aesthetic, pickscore
 from rewards.common import to_pil
 from tests.rewards.helpers import clip_vit_h14, clip_vit_l14_image, random_images, rating_mlp

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from base_model.errors import ConfigError
+from core.errors import ConfigError
 from rollout.pairs import (
     PairConfig,
     agreement_pairs,

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from base_model.errors import UserError
+from core.errors import UserError
 from rollout.prompts import load_prompts, prompt_id, shard
 
 PROMPTS = __import__("pathlib").Path(__file__).resolve().parents[2] / "prompts"  # shipped in the repository

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from base_model.errors import ConfigError
-from base_model.schema import from_dict, load_config
 from base_model.vae import VAEConfig, load_vae, save_vae
-from shapes.build_world import WorldConfig, world_images
+from core.errors import ConfigError
+from core.schema import from_dict, load_config
 from shapes.splits import WorldDataConfig
 from shapes.train_vae import VaeTrainConfig, lr_at, reconstruct, reconstruction_loss, train_vae
+from shapes.world import WorldConfig, world_images
 
 TINY = VAEConfig(ch=8, ch_mult=[1, 1, 1, 1], num_res_blocks=1, norm_groups=4)
 

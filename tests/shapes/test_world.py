@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rewards.geneval import Clauses, check_clauses, clause_scores, relative_position
-from shapes.detect import ShapesDetector, classify_fill
+from rewards.shapes_detect import ShapesDetector, classify_fill
 from shapes.scenes import COLORS, SHAPES, Spec, all_specs, caption, corrupt, layout, record, render, shape_mask
 from shapes.splits import WorldDataConfig, image_split, partition, prompt_split, write_metadata, write_parquet
 
@@ -118,7 +118,7 @@ def test_writers_produce_the_sft_parquet_and_geneval_jsonl(tmp_path):
     rows = image_split(cfg, "pretrain")
     table = pq.read_table(write_parquet(rows, tmp_path / "p.parquet"))
     assert table.column_names[:2] == ["caption", "image"] and table.num_rows == 20
-    from alignment.jobs.sft import SftDataConfig, load_pairs
+    from alignment.sft_data import SftDataConfig, load_pairs
 
     captions, images = load_pairs(SftDataConfig(path=str(tmp_path / "p.parquet")))
     assert captions == [r.caption for r in rows] and images.shape == (20, 3, 64, 64)

@@ -1,1 +1,0 @@
-"""The jobs users run: each reads top to bottom from its config to its metrics and checkpoints."""

@@ -1,0 +1,72 @@
+"""The learner's config: optimizer, schedule, ZeRO stage, precision, non-finite tolerance, optional LoRA.
+
+Plain dataclasses and the learning-rate schedule; the DeepSpeed engine that reads them is alignment/learner.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from core.errors import ConfigError
+
+# Linear layers of NextStep-1 worth adapting: backbone attention + MLP, the head-condition projector and
+# the flow head's MLPs, modulations and output (peft matches a name by its suffix).
+DEFAULT_LORA_TARGETS = [
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "image_out_projector",
+    "input_proj", "cond_embed", "mlp.0", "mlp.2", "adaLN_modulation.1", "final_layer.linear",
+]  # fmt: skip
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 32.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+    def validate(self, where: str = "learner.lora") -> None:
+        if self.rank < 1:
+            raise ConfigError(f"{where}.rank: must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}.dropout: must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError(f"{where}.target_modules: name at least one module")
+
+
+@dataclass
+class LearnerConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    total_steps: int = 1000  # for the cosine schedule
+    max_grad_norm: float = 1.0
+    zero_stage: int = 0  # 0-3
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    max_consecutive_nonfinite: int = 3  # more non-finite losses in a row stop the job
+    lora: LoraConfig | None = None  # null: full fine-tuning
+
+    def validate(self, where: str = "learner") -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{where}.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.lr <= 0:
+            raise ConfigError(f"{where}.lr: must be > 0, got {self.lr}")
+
+
+def lr_lambda(cfg: LearnerConfig) -> Callable[[int], float]:
+    """Linear warm-up then constant or cosine decay to 0 at total_steps (multiplier of cfg.lr)."""
+
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

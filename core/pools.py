@@ -1,0 +1,300 @@
+"""Worker pools: N copies of a plain worker class, in-process (LocalPool) or as Ray actors (RayPool).
+
+Both pools have the same small interface, so a job never knows which one it drives:
+  map(method, [args, ...]) -> [result, ...]   one call per argument tuple, results in order,
+                                              spread round-robin over the workers;
+  imap_unordered(method, iterable of args)    a stream of (input index, result) as calls finish,
+                                              each worker kept busy, inputs read lazily;
+  call_all(method, *args, sticky=False)       the same call on every worker (e.g. new weights);
+                                              sticky calls are replayed on replacement workers;
+  shutdown()                                  release the workers.
+Fault tolerance (RayPool): a worker whose process dies is replaced by a fresh one (its constructor
+runs again, then the sticky calls), at most `max_restarts` times per pool, and the calls it held are
+re-run elsewhere, at most `max_task_retries` times each. Only idempotent methods belong in a pool
+(rollouts are: a sample depends only on its prompt id, index, seed and weights).
+Ray lives in this file and nowhere else. RayPool starts a local Ray on 127.0.0.1 unless an `address`
+is given ('auto' joins a cluster started with `ray start`); it never shuts Ray down, because other
+pools may share it: a driver that wants Ray gone calls `ray.shutdown()` at its end (Ray also does at
+exit). A local Ray never outlives its driver: SIGTERM/SIGINT/SIGHUP shut it down first, and a driver
+killed outright is cleaned up after by core/ray_reaper.py (see `ensure_ray`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from core.errors import ConfigError
+
+
+@dataclass
+class PoolConfig:
+    """How many workers and where: in-process, or Ray actors with these resources each."""
+
+    kind: Literal["local", "ray"] = "local"
+    num_workers: int = 1
+    num_cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float = 0.0
+    max_restarts: int = 3  # dead workers replaced over the pool's life (constructor + sticky calls run again)
+    max_task_retries: int = 2  # re-runs of one call whose worker died (pool methods are idempotent)
+    address: str | None = None  # None: start a local Ray; 'auto' / 'host:port': join a running cluster
+    ray_num_cpus: int | None = None  # CPUs of a locally started Ray (None: all of them)
+
+    def validate(self, where: str) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"{where}.num_workers: must be >= 1, got {self.num_workers}")
+        if self.num_cpus_per_worker < 0 or self.num_gpus_per_worker < 0:
+            raise ConfigError(f"{where}: per-worker CPU/GPU counts must be >= 0")
+        if self.max_restarts < 0 or self.max_task_retries < 0:
+            raise ConfigError(f"{where}: max_restarts and max_task_retries must be >= 0")
+
+
+class LocalPool:
+    """`num_workers` instances of `worker_cls` in this process; calls run one after another."""
+
+    def __init__(self, worker_cls: type, args: tuple = (), kwargs: dict | None = None, num_workers: int = 1):
+        self.workers = [worker_cls(*args, **(kwargs or {})) for _ in range(num_workers)]
+
+    def map(self, method: str, arg_tuples: list[tuple]) -> list[Any]:
+        """`worker.method(*args)` for each args tuple, worker i % N; results in input order."""
+        return [result for _, result in self.imap_unordered(method, arg_tuples)]
+
+    def imap_unordered(
+        self, method: str, arg_tuples: Iterable[tuple], max_in_flight: int = 1
+    ) -> Iterator[tuple[int, Any]]:
+        """(input index, result) per call; in-process they finish in input order."""
+        n = len(self.workers)
+        for i, args in enumerate(arg_tuples):
+            yield i, getattr(self.workers[i % n], method)(*args)
+
+    def call_all(self, method: str, *args: Any, sticky: bool = False, **kwargs: Any) -> list[Any]:
+        """The same call on every worker; one result per worker (in-process workers never die)."""
+        return [getattr(w, method)(*args, **kwargs) for w in self.workers]
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.workers)
+
+    def shutdown(self) -> None:
+        self.workers = []
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")  # the signals after which a local Ray must not outlive us
+_reapers: list = []  # the reaper processes started here (kept referenced while they wait)
+_restore: dict = {}  # signal -> its handler from before ensure_ray started a local Ray
+_ray_owner = [0]  # pid of the process that started it (forked children inherit the handlers, not the Ray)
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Start (or join) Ray once per process: local on 127.0.0.1 without dashboard, or `address`.
+
+    A local Ray started here goes down with the driver: on SIGTERM/SIGINT/SIGHUP the driver shuts it
+    down before the signal takes its usual course, and if the driver is killed outright a small
+    reaper process (core/ray_reaper.py) stops what Ray's own fate-sharing leaves behind."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address is None:
+        before = _signal_handlers()  # ray.init replaces the SIGTERM handler; ours restores the one from before
+        context = ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                           log_to_driver=True)  # fmt: skip
+        _shut_down_on_signals(before)
+        _start_reaper(context.address_info["session_dir"], os.path.dirname(ray.__file__))
+    else:
+        ray.init(address=address)
+
+
+def _signal_handlers() -> dict:
+    """signal number -> current handler for each of STOP_SIGNALS that this platform has, that has a
+    handler Python can put back, and that the process does not ignore (under nohup SIGHUP stays ignored)."""
+    handlers = {}
+    for name in STOP_SIGNALS:
+        number = getattr(signal, name, None)  # Windows has no SIGHUP
+        handler = signal.getsignal(number) if number is not None else None
+        if handler is not None and handler != signal.SIG_IGN:
+            handlers[number] = handler
+    return handlers
+
+
+def _stop_signal(signum: int, frame: object) -> None:
+    """Put the handlers of `_restore` back, shut Ray down, then raise the signal again so that it ends
+    the process as it would have without Ray (KeyboardInterrupt for SIGINT; by default, death by the
+    signal for SIGTERM and SIGHUP)."""
+    import ray
+
+    for number, handler in _restore.items():
+        signal.signal(number, handler)
+    _restore.clear()
+    try:
+        if os.getpid() == _ray_owner[0]:  # a forked child (e.g. a data-loader worker) must not stop our Ray
+            ray.shutdown()
+    finally:
+        signal.raise_signal(signum)
+
+
+def _shut_down_on_signals(previous: dict) -> None:
+    """`_stop_signal` on each signal of `previous` (signal -> handler to put back). Only the main thread
+    may set handlers; a Ray restarted in this process keeps the handlers from before the first one."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _ray_owner[0] = os.getpid()
+    for number, handler in previous.items():
+        if handler is not _stop_signal:
+            _restore[number] = handler
+        signal.signal(number, _stop_signal)
+
+
+def _start_reaper(session_dir: str, ray_dir: str) -> None:
+    """core/ray_reaper.py, watching this process: it stops the session's leftovers once we are gone.
+    Linux only (it reads /proc); its own session, so a terminal's Ctrl-C or hang-up does not stop it first."""
+    if not sys.platform.startswith("linux"):
+        return
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_reaper.py")
+    _reapers.append(subprocess.Popen(
+        [sys.executable, "-I", script, str(os.getpid()), session_dir, ray_dir], stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    ))  # fmt: skip
+
+
+class WorkerLostError(RuntimeError):
+    """A pool ran out of restarts or retries after its workers died."""
+
+
+class RayPool:
+    """`num_workers` Ray actors of the same plain `worker_cls`, each with its CPU/GPU resources.
+
+    Dead actors are replaced by the pool itself (Ray's own actor restart is off), so the pool knows
+    which calls were lost and re-runs them; see the module docstring.
+    """
+
+    def __init__(
+        self,
+        worker_cls: type,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        num_workers: int = 1,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        max_restarts: int = 3,
+        max_task_retries: int = 2,
+        address: str | None = None,
+        ray_num_cpus: int | None = None,
+    ):
+        import ray
+
+        ensure_ray(address, ray_num_cpus)
+        self._remote_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(worker_cls)
+        self._args, self._kwargs = args, kwargs or {}
+        self.restarts_left, self.max_task_retries = max_restarts, max_task_retries
+        self.num_restarts = 0
+        self._sticky: dict[str, tuple[tuple, dict]] = {}  # method -> last broadcast args, replayed on new actors
+        self.actors = [self._remote_cls.remote(*self._args, **self._kwargs) for _ in range(num_workers)]
+        self.generation = [0] * num_workers  # bumped when slot i gets a fresh actor
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.actors)
+
+    def _replace(self, slot: int, generation: int, error: Exception) -> None:
+        """Give `slot` a fresh actor, unless a failure seen earlier already did."""
+        import ray
+
+        if self.generation[slot] != generation:
+            return
+        if self.restarts_left <= 0:
+            raise WorkerLostError(f"worker {slot} died and the pool has no restarts left ({error})") from error
+        self.restarts_left -= 1
+        self.num_restarts += 1
+        ray.kill(self.actors[slot], no_restart=True)
+        actor = self._remote_cls.remote(*self._args, **self._kwargs)
+        for method, (args, kwargs) in self._sticky.items():
+            getattr(actor, method).remote(*args, **kwargs)  # ordered before any later call on this actor
+        self.actors[slot] = actor
+        self.generation[slot] += 1
+        print(f"pool: worker {slot} died ({type(error).__name__}); replaced it, {self.restarts_left} restarts left")
+
+    def imap_unordered(
+        self, method: str, arg_tuples: Iterable[tuple], max_in_flight: int = 2
+    ) -> Iterator[tuple[int, Any]]:
+        """(input index, result) as calls finish; at most `max_in_flight` queued calls per actor, so a
+        worker always has its next call ready while inputs are read lazily. Calls of a dead worker
+        are re-run on the others (and on its replacement)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        inputs = enumerate(arg_tuples)
+        retry: list[tuple[int, tuple, int]] = []  # (index, args, tries so far)
+        pending: dict[Any, tuple[int, tuple, int, int, int]] = {}  # ref -> (index, args, tries, slot, gen)
+        load = [0] * len(self.actors)
+        exhausted = False
+        while True:
+            while not (exhausted and not retry) and min(load) < max_in_flight:
+                if retry:
+                    index, args, tries = retry.pop(0)
+                else:
+                    item = next(inputs, None)
+                    if item is None:
+                        exhausted = True
+                        continue
+                    (index, args), tries = item, 0
+                slot = load.index(min(load))
+                ref = getattr(self.actors[slot], method).remote(*args)
+                pending[ref] = (index, args, tries, slot, self.generation[slot])
+                load[slot] += 1
+            if not pending:
+                return
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            index, args, tries, slot, gen = pending.pop(ref)
+            if gen == self.generation[slot]:
+                load[slot] -= 1
+            try:
+                result = ray.get(ref)
+            except RayActorError as e:
+                if tries >= self.max_task_retries:
+                    raise WorkerLostError(f"call {method}#{index} lost its worker {tries + 1} times ({e})") from e
+                if gen == self.generation[slot]:
+                    load[slot] = 0  # the old actor's other calls are lost too; they come back as errors
+                self._replace(slot, gen, e)
+                retry.append((index, args, tries + 1))
+                continue
+            yield index, result
+
+    def map(self, method: str, arg_tuples: list[tuple]) -> list[Any]:
+        """Calls spread over the actors, run concurrently; results in input order."""
+        results: dict[int, Any] = dict(self.imap_unordered(method, arg_tuples, max_in_flight=len(arg_tuples) or 1))
+        return [results[i] for i in range(len(arg_tuples))]
+
+    def call_all(self, method: str, *args: Any, sticky: bool = False, **kwargs: Any) -> list[Any]:
+        """The same call on every actor. `sticky`: also replay it on any actor that replaces a dead one
+        (e.g. the newest weights), so a replacement serves the same policy version."""
+        import ray
+
+        if sticky:
+            self._sticky[method] = (args, kwargs)
+        return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
+
+    def shutdown(self) -> None:
+        import ray
+
+        if ray.is_initialized():  # not after a signal already took Ray down (ensure_ray)
+            for actor in self.actors:
+                ray.kill(actor, no_restart=True)
+        self.actors = []
+
+
+def make_pool(worker_cls: type, args: tuple, config: PoolConfig, kwargs: dict | None = None) -> LocalPool | RayPool:
+    """The pool `config.kind` names, holding `config.num_workers` copies of `worker_cls(*args, **kwargs)`."""
+    if config.kind == "local":
+        return LocalPool(worker_cls, args, kwargs, config.num_workers)
+    return RayPool(
+        worker_cls, args, kwargs, config.num_workers, config.num_cpus_per_worker, config.num_gpus_per_worker,
+        config.max_restarts, config.max_task_retries, config.address, config.ray_num_cpus,
+    )  # fmt: skip

@@ -1,0 +1,82 @@
+"""`nsalign evaluate CONFIG [key=value ...]`: checkpoints x held-out prompts x fixed seeds -> scores.
+
+The checkpoints are named in the config (directories, presets, run directories, `selected` files) or taken
+from a run directory; the work is rollout/evaluation.py's. Every checkpoint samples the same prompts
+with the same per-sample seeds and sampler settings, so any two checkpoints' scores are paired row by row.
+
+    <out>/config.yaml                         the evaluation settings (a re-run must match them)
+    <out>/scores/<checkpoint>/shard-000000.parquet   one file per (checkpoint, block of prompts)
+    <out>/eval.json                           checkpoints (name -> path), prompts, rewards, sampler
+
+Like build-prefs, a shard is written atomically, so "the file exists" means "scored": re-running
+skips it, and adding checkpoints to the config scores only the new ones. Rollouts run on the rollout
+pool (in-process or Ray), scores on the reward pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from base_model.checkpoint import load_config as load_model_config
+from base_model.sequence import check_sequence_fits, model_max_positions
+from core.errors import ConfigError, UserError
+from core.runs import model_dir_of
+from core.schema import load_config
+from rollout.eval_format import SCORES_DIR
+from rollout.evaluation import PRESETS, EvalSettings, checkpoint_name, evaluate_checkpoints, run_checkpoints
+
+
+@dataclass
+class EvaluateConfig(EvalSettings):
+    out_dir: str = "runs/eval"
+    checkpoints: list[str] = field(default_factory=list)  # dirs, presets, or `name=dir` to name one; a run
+    # dir means its `latest` checkpoint, `<run>/selected` the checkpoint `nsalign select` chose
+    run_dir: str | None = None  # also every step_*/model of this run directory
+
+    def validate(self, where: str = "config") -> None:
+        super().validate(where)
+        if not self.checkpoints and not self.run_dir:
+            raise ConfigError(f"{where}.checkpoints: name at least one checkpoint (or set run_dir)")
+        for spec in self.checkpoints:  # run directories are resolved (and read) later
+            check_sequence_fits(
+                self.sampling.max_prompt_tokens,
+                (self.sampling.image_size,) * 2,
+                model_max_positions(spec.split("=", 1)[-1]),
+                f"{where}.sampling.max_prompt_tokens",
+            )
+
+
+def resolve_checkpoints(cfg: EvaluateConfig) -> list[tuple[str, str]]:
+    """(name, spec) pairs from the config, names unique, every directory checked before anything runs."""
+    pairs = [tuple(c.split("=", 1)) if "=" in c else (checkpoint_name(c), c) for c in cfg.checkpoints]
+    pairs = [(name, model_dir_of(spec)) for name, spec in pairs]  # run dirs -> latest, `selected` files
+    if cfg.run_dir:
+        pairs += run_checkpoints(cfg.run_dir)
+    names = [n for n, _ in pairs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"checkpoint name {dup[0]!r} is used twice; name them with `name=dir`")
+    for name, spec in pairs:
+        if not name or "/" in name:
+            raise UserError(f"checkpoint name {name!r} must be non-empty and without '/'")
+        if spec not in PRESETS:
+            load_model_config(spec)  # missing directory or config.json -> CheckpointError naming it
+    return pairs
+
+
+def run_evaluate(cfg: EvaluateConfig) -> Path:
+    return evaluate_checkpoints(cfg, cfg.out_dir, resolve_checkpoints(cfg))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config (see configs/evaluate/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. prompts.limit=50 'checkpoints=[tiny]'")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(EvaluateConfig, args.config, args.overrides)
+    out = run_evaluate(cfg)
+    print(f"evaluate: scores in {out / SCORES_DIR}")
+    return 0

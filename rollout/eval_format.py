@@ -1,0 +1,65 @@
+"""The result format of `nsalign evaluate`, which `nsalign select` and the dashboard read.
+
+    <out>/config.yaml                                the evaluation settings (a re-run must match them)
+    <out>/scores/<checkpoint>/shard-000000.parquet   one file per (checkpoint, block of prompts), rows_schema
+    <out>/eval.json                                  checkpoints (name -> path), prompts, rewards, sampler
+
+One row per image: checkpoint, prompt id and text, sample index, seed, every reward's score and a PNG
+thumbnail. A shard is written atomically, so "the file exists" means "scored".
+(dashboard/data.py reads these files without importing this module: the dashboard imports no torch.)
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from rollout.batch import RolloutBatch
+
+SCORES_DIR = "scores"
+MANIFEST = "eval.json"
+
+
+def thumbnail_png(image: torch.Tensor, size: int) -> bytes:
+    """uint8 [3, H, W] -> PNG bytes of at most size x size pixels."""
+    img = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    if img.width > size or img.height > size:
+        img = img.resize((size, size), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def rows_schema(reward_names: list[str]) -> pa.Schema:
+    scores = pa.struct([(name, pa.float64()) for name in reward_names])
+    return pa.schema([
+        ("checkpoint", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()),
+        ("sample_index", pa.int32()), ("seed", pa.int64()), ("scores", scores), ("thumbnail", pa.binary()),
+    ])  # fmt: skip
+
+
+def shard_rows(
+    name: str, batch: RolloutBatch, scores: dict[str, np.ndarray], samples_per_prompt: int, size: int
+) -> list[dict]:
+    """One scored rollout batch -> rows (one per image)."""
+    return [
+        {"checkpoint": name, "prompt_id": batch.prompt_ids[i], "prompt": batch.prompts[i],
+         "sample_index": i % samples_per_prompt, "seed": int(batch.seeds[i]),
+         "scores": {n: float(s[i]) for n, s in scores.items()}, "thumbnail": thumbnail_png(batch.images[i], size)}
+        for i in range(len(batch))
+    ]  # fmt: skip
+
+
+def write_rows(path: Path, rows: list[dict], reward_names: list[str]) -> None:
+    """Atomically: a temporary file next to `path`, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(pa.Table.from_pylist(rows, schema=rows_schema(reward_names)), tmp)
+    os.replace(tmp, path)

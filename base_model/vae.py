@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from base_model.vae_blocks import Decoder, Encoder
-from core.errors import CheckpointError, ConfigError, check_state_dict, write_error
+from core.errors import CheckpointError, ConfigError, check_state_dict
+from core.files import atomic_write
 from core.schema import from_dict
 
 CONFIG_NAME = "config.json"
@@ -194,24 +191,9 @@ class NextStepVAE(nn.Module):
 # ---------------------------------------------------------------- checkpoint I/O
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write through a temporary file, then rename; on any failure the temporary file is removed and a
-    disk-full / quota / read-only error becomes one UserError naming `path`."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise (write_error(path, e) or e) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        user = write_error(path, e) if isinstance(e, OSError) else None
-        if user is not None:
-            raise user from None
-        raise
+def _save_state(state: dict[str, torch.Tensor], path: Path) -> None:
+    with open(path, "wb") as f:  # through a file object, torch reports a full disk as an OSError
+        torch.save(state, f)
 
 
 def save_vae(vae: NextStepVAE, directory: str | Path) -> Path:
@@ -219,9 +201,9 @@ def save_vae(vae: NextStepVAE, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda f: torch.save(state, f))
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: _save_state(state, tmp))
     text = json.dumps(vae.config.to_json_dict(), indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda f: f.write(text.encode("utf-8")))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return directory
 
 

@@ -11,19 +11,32 @@ import fcntl
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from core.errors import UserError
+from core.errors import UserError, write_error
 
 LOCK = ".lock"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` fills `.NAME.tmp-PID` beside `path`, which is then renamed over it. On any failure the
+    temporary file is removed, and a disk-full / quota / read-only / permission error becomes one UserError
+    naming `path` (other errors keep their traceback)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and (user := write_error(path, e)) is not None:
+            raise user from None
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def unwritable(path: Path, error: OSError) -> UserError:

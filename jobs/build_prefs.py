@@ -32,8 +32,8 @@ from base_model.checkpoint import load_config as load_model_config
 from base_model.checkpoint import verify_model_spec
 from base_model.sampler import SamplingConfig
 from base_model.sequence import check_sequence_fits, model_max_positions, prompt_tokenizer, truncation_note
-from core.errors import ConfigError, UserError, write_error
-from core.files import atomic_write_text, lock_dir
+from core.errors import ConfigError, UserError
+from core.files import atomic_write, atomic_write_text, lock_dir
 from core.pools import make_pool
 from core.runs import MetricsLogger, prepare_run_dir
 from core.schema import load_config, to_dict
@@ -141,15 +141,8 @@ def shard_rows(
 
 def write_shard(run: Path, index: int, rows: list[dict], reward_names: list[str]) -> None:
     """Atomically: a temporary file in the same directory, then rename (an empty shard still counts)."""
-    final = run / DATA_DIR / shard_name(index)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     table = pa.Table.from_pylist(rows, schema=pairs_schema(reward_names))
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, final)
-    except OSError as e:  # disk full, quota, read-only: one line naming the shard, no partial file left
-        tmp.unlink(missing_ok=True)
-        raise (write_error(final, e) or e) from None
+    atomic_write(run / DATA_DIR / shard_name(index), lambda tmp: pq.write_table(table, tmp))
 
 
 def run_build_prefs(cfg: BuildPrefsConfig) -> Path:

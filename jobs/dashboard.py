@@ -19,6 +19,7 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from core.files import atomic_write
 from dashboard.build import DashboardError, build_data
 from dashboard.page import render
 
@@ -27,13 +28,8 @@ def write_page(out: Path, data: dict) -> Path:
     """DIR/index.html, written atomically."""
     out.mkdir(parents=True, exist_ok=True)
     final = out / "index.html"
-    tmp = out / f".index.html.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(render(data), encoding="utf-8")
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave a partial page behind
-        raise
+    html = render(data)
+    atomic_write(final, lambda tmp: tmp.write_text(html, encoding="utf-8"))
     return final
 
 

@@ -12,7 +12,6 @@ thumbnail. A shard is written atomically, so "the file exists" means "scored".
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from core.files import atomic_write
 from rollout.batch import RolloutBatch
 
 SCORES_DIR = "scores"
@@ -60,6 +60,5 @@ def shard_rows(
 def write_rows(path: Path, rows: list[dict], reward_names: list[str]) -> None:
     """Atomically: a temporary file next to `path`, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(pa.Table.from_pylist(rows, schema=rows_schema(reward_names)), tmp)
-    os.replace(tmp, path)
+    table = pa.Table.from_pylist(rows, schema=rows_schema(reward_names))
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))

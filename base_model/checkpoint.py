@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from base_model.config import NextStepConfig, preset_config
+from base_model.config import RANDOM_PRESETS, NextStepConfig, preset_config
 from base_model.model import NextStepModel, gen_pos_embed_table
 from base_model.tokenizer import SpecialIds, build_tiny_tokenizer, load_tokenizer, special_ids
 from base_model.vae import NextStepVAE, load_vae, save_vae, vae_preset
@@ -220,7 +220,7 @@ def with_gen_pos_embed(
 
 def resolve_model(spec: str, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0) -> NextStepBundle:
     """`tiny` / `mid` -> a random model of that preset; anything else is a checkpoint directory."""
-    if spec in ("tiny", "mid"):
+    if spec in RANDOM_PRESETS:
         bundle = build_random(spec, seed=seed)
         bundle.model.place(device=device, dtype=dtype)
         bundle.vae.to(device=device, dtype=dtype)
@@ -343,7 +343,7 @@ def verify_model_spec(spec: str) -> None:
     """What `resolve_model(spec)` will need, checked in the driver before workers start: a preset passes;
     a directory needs a readable config.json and sound shards (a worker dying in its constructor on
     Ray ends the job with a wall of tracebacks instead of one line naming the file)."""
-    if spec in ("tiny", "mid"):
+    if spec in RANDOM_PRESETS:
         return
     if not Path(spec).is_dir():
         raise CheckpointError(f"{spec}: checkpoint directory not found")

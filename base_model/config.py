@@ -83,6 +83,9 @@ LARGE_SPECIAL_IDS = dict(
     pad_token_id_added=151665, image_area_id=151666, boi=151667, eoi=151668, image_placeholder_id=151669
 )
 
+# model specs that name a preset built with random weights in-process, not a checkpoint directory
+RANDOM_PRESETS = ("tiny", "mid")
+
 # Each preset: backbone sizes + head sizes. `tiny` runs a 64x64 image on a CPU in well under a second;
 # `mid` is the CPU benchmark size; `nextstep-1-large` is the published model.
 PRESETS: dict[str, dict] = {

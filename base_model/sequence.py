@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from base_model.config import PRESETS
+from base_model.config import PRESETS, RANDOM_PRESETS
 from base_model.tokenizer import IMAGE_AREA_TOKEN, SpecialIds, build_tiny_tokenizer, load_tokenizer
 from core.errors import ConfigError
 
@@ -29,7 +29,6 @@ DOWN_FACTOR = 16  # pixels per image token side: VAE 8x times the 2x2 patch
 # Our choice, not published: far above any real text-to-image caption (CLIP reads 77, T5 in SD3 256)
 # and small enough that a pasted essay costs no memory; its worst case fits every preset's positions.
 DEFAULT_MAX_PROMPT_TOKENS = 512
-RANDOM_PRESETS = ("tiny", "mid")  # model specs that name a random preset, not a directory (resolve_model)
 
 
 @dataclass

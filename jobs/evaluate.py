@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from base_model.checkpoint import load_config as load_model_config
+from base_model.config import RANDOM_PRESETS
 from base_model.sequence import check_sequence_fits, model_max_positions
 from core.errors import ConfigError, UserError
 from core.runs import model_dir_of
 from core.schema import load_config
 from rollout.eval_format import SCORES_DIR
-from rollout.evaluation import PRESETS, EvalSettings, checkpoint_name, evaluate_checkpoints, run_checkpoints
+from rollout.evaluation import EvalSettings, checkpoint_name, evaluate_checkpoints, run_checkpoints
 
 
 @dataclass
@@ -61,7 +62,7 @@ def resolve_checkpoints(cfg: EvaluateConfig) -> list[tuple[str, str]]:
     for name, spec in pairs:
         if not name or "/" in name:
             raise UserError(f"checkpoint name {name!r} must be non-empty and without '/'")
-        if spec not in PRESETS:
+        if spec not in RANDOM_PRESETS:
             load_model_config(spec)  # missing directory or config.json -> CheckpointError naming it
     return pairs
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from base_model.checkpoint import resolve_model
+from base_model.config import RANDOM_PRESETS
 from base_model.generate import generate_images, make_grid
 from base_model.sampler import SamplingConfig
 from base_model.sequence import DEFAULT_MAX_PROMPT_TOKENS, check_sequence_fits, model_max_positions, truncation_note
@@ -44,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    size = args.size or (64 if args.checkpoint in ("tiny", "mid") else 512)
+    size = args.size or (64 if args.checkpoint in RANDOM_PRESETS else 512)
     sampling = SamplingConfig(
         image_size=size, cfg_scale=args.cfg, num_head_steps=args.steps, timestep_shift=args.shift,
         sde_kind=args.sde, use_norm=not args.no_norm, negative_prompt=args.negative_prompt,

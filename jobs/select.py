@@ -26,6 +26,7 @@ import yaml
 
 from alignment.sft_data import SftDataConfig, load_pairs
 from base_model.checkpoint import load_checkpoint, read_state_dict, resolve_model, save_checkpoint
+from base_model.config import RANDOM_PRESETS
 from base_model.sequence import DEFAULT_MAX_PROMPT_TOKENS, build_prompt_batch, check_sequence_fits
 from base_model.teacher_forcing import sft_loss
 from core.errors import ConfigError, UserError
@@ -33,7 +34,7 @@ from core.files import atomic_write_text, lock_dir, remove_partial_writes
 from core.schema import load_config
 from dashboard.data import prompt_groups, read_eval
 from dashboard.stats import mean_ci, paired_delta_ci, win_rate, within_prompt_diversity
-from rollout.evaluation import PRESETS, EvalSettings, evaluate_checkpoints, run_checkpoints
+from rollout.evaluation import EvalSettings, evaluate_checkpoints, run_checkpoints
 
 
 @dataclass
@@ -253,7 +254,7 @@ def run_select(cfg: SelectConfig) -> Path:
         atomic_write_text(run / "selection.json", json.dumps(report, indent=2))
         atomic_write_text(run / "selection.md", markdown(report))
         pointer = specs[chosen]
-        if pointer not in PRESETS and Path(pointer).resolve().is_relative_to(run.resolve()):
+        if pointer not in RANDOM_PRESETS and Path(pointer).resolve().is_relative_to(run.resolve()):
             pointer = str(Path(pointer).resolve().relative_to(run.resolve()))
         atomic_write_text(run / "selected", pointer + "\n")  # last: a crash before it keeps the old choice
         print(f"select: chose {chosen} ({report['reason']}); see {run / 'selection.md'}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from base_model.checkpoint import verify_model_spec
+from base_model.config import RANDOM_PRESETS
 from base_model.sampler import SamplingConfig
 from base_model.sequence import prompt_tokenizer, truncation_note
 from core.errors import ConfigError, UserError
@@ -31,8 +32,6 @@ from rollout.eval_format import MANIFEST, SCORES_DIR, shard_rows, write_rows
 from rollout.prefs_format import shard_name
 from rollout.prompts import Prompt, PromptSourceConfig, load_prompts
 from rollout.worker import RolloutConfig, RolloutWorker
-
-PRESETS = ("tiny", "mid")
 
 
 @dataclass
@@ -63,7 +62,7 @@ class EvalSettings:
 
 def checkpoint_name(spec: str) -> str:
     """A short unique-ish label: the preset, or the directory name (its parent's for `.../model`)."""
-    if spec in PRESETS:
+    if spec in RANDOM_PRESETS:
         return spec
     path = Path(spec)
     return path.parent.name if path.name == "model" else path.name
@@ -105,7 +104,7 @@ def check_inputs(settings: EvalSettings) -> list[Prompt]:
 def check_names(out: Path, checkpoints: list[tuple[str, str]]) -> dict[str, str]:
     """Checkpoints already recorded under another path may not be scored under the same name."""
     old = json.loads((out / MANIFEST).read_text())["checkpoints"] if (out / MANIFEST).is_file() else {}
-    new = {name: str(Path(spec).resolve()) if spec not in PRESETS else spec for name, spec in checkpoints}
+    new = {name: str(Path(spec).resolve()) if spec not in RANDOM_PRESETS else spec for name, spec in checkpoints}
     for name, path in new.items():
         if name in old and old[name] != path:
             raise UserError(f"{out}: checkpoint name {name!r} was evaluated from {old[name]}, not {path}")

@@ -191,31 +191,31 @@ def merged_state_dict(model: torch.nn.Module, keep: bool = True) -> dict[str, to
 
 
 class Learner:
-    def __init__(self, model: torch.nn.Module, cfg: LearnerConfig, reference: bool = False):
+    def __init__(self, model: torch.nn.Module, config: LearnerConfig, reference: bool = False):
         """reference=True keeps a frozen copy of the starting model for `reference()` (LoRA needs none)."""
         import deepspeed
 
         init_distributed()
-        self.cfg = cfg
+        self.config = config
         self._reference = None
-        if reference and cfg.lora is None:
+        if reference and config.lora is None:
             self._reference = self._frozen_copy(model)
-        if cfg.lora is not None:
-            model = apply_lora(model, cfg.lora)
-        if cfg.gradient_checkpointing and hasattr(model, "set_gradient_checkpointing"):
+        if config.lora is not None:
+            model = apply_lora(model, config.lora)
+        if config.gradient_checkpointing and hasattr(model, "set_gradient_checkpointing"):
             model.set_gradient_checkpointing(True)
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,  # our micro batches are opaque objects; we scale losses
             "gradient_accumulation_steps": 1,
-            "gradient_clipping": cfg.max_grad_norm,
-            "zero_optimization": {"stage": cfg.zero_stage},
-            "bf16": {"enabled": cfg.bf16},
+            "gradient_clipping": config.max_grad_norm,
+            "zero_optimization": {"stage": config.zero_stage},
+            "bf16": {"enabled": config.bf16},
             "optimizer": {
                 "type": "AdamW",
                 "params": {
-                    "lr": cfg.lr,
-                    "betas": list(cfg.adam_betas),
-                    "weight_decay": cfg.weight_decay,
+                    "lr": config.lr,
+                    "betas": list(config.adam_betas),
+                    "weight_decay": config.weight_decay,
                     "torch_adam": True,
                 },
             },  # fmt: skip
@@ -224,24 +224,24 @@ class Learner:
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
         self._load_weights_only()
-        self.lr_factor = lr_lambda(cfg)  # applied by hand: ZeRO's optimizer wrapper is no torch Optimizer
+        self.lr_factor = lr_lambda(config)  # applied by hand: ZeRO's optimizer wrapper is no torch Optimizer
         self.step_count = 0
         self.nonfinite_in_a_row = 0
         self.num_skipped = 0
-        if self._reference is not None and cfg.zero_stage != 3:
+        if self._reference is not None and config.zero_stage != 3:
             self._reference.to(self.engine.device)
 
     def _frozen_copy(self, model: torch.nn.Module) -> torch.nn.Module:
         """A no-grad eval copy of the starting weights; under ZeRO-3 partitioned by a DeepSpeed inference engine."""
         ref = copy.deepcopy(model).eval().requires_grad_(False)
-        if self.cfg.zero_stage != 3:
-            return ref.to(torch.bfloat16) if self.cfg.bf16 else ref
+        if self.config.zero_stage != 3:
+            return ref.to(torch.bfloat16) if self.config.bf16 else ref
         import deepspeed
 
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
             "zero_optimization": {"stage": 3},
-            "bf16": {"enabled": self.cfg.bf16},
+            "bf16": {"enabled": self.config.bf16},
         }  # fmt: skip
         engine, *_ = deepspeed.initialize(model=ref, config=ds_config)
         return engine.module
@@ -283,7 +283,7 @@ class Learner:
     def reference(self) -> Iterator[torch.nn.Module]:
         """The frozen reference model under no_grad: the policy with LoRA adapters disabled, else the copy
         kept at construction (`reference=True`)."""
-        if self.cfg.lora is None and self._reference is None:
+        if self.config.lora is None and self._reference is None:
             raise RuntimeError("this learner keeps no reference (pass reference=True or use LoRA)")
         if self._reference is not None:
             with torch.no_grad():
@@ -327,15 +327,15 @@ class Learner:
             self.engine.optimizer.zero_grad()
             self.nonfinite_in_a_row += 1
             self.num_skipped += 1
-            if self.nonfinite_in_a_row >= self.cfg.max_consecutive_nonfinite:
+            if self.nonfinite_in_a_row >= self.config.max_consecutive_nonfinite:
                 raise NonFiniteLossError(f"{self.nonfinite_in_a_row} non-finite losses in a row")
             return StepResult(updated=False, metrics={"train/skipped_nonfinite": float(self.num_skipped)})
         self.nonfinite_in_a_row = 0
-        lr = self.cfg.lr * self.lr_factor(self.step_count)
+        lr = self.config.lr * self.lr_factor(self.step_count)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         # DeepSpeed reports the norm only when ZeRO computes it; without ZeRO the full gradients are here
-        local_norm = self.unpartitioned_grad_norm() if self.cfg.zero_stage == 0 else None
+        local_norm = self.unpartitioned_grad_norm() if self.config.zero_stage == 0 else None
         self.engine.step()
         self.step_count += 1
         grad_norm = self.engine.get_global_grad_norm()

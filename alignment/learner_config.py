@@ -58,15 +58,15 @@ class LearnerConfig:
             raise ConfigError(f"{where}.lr: must be > 0, got {self.lr}")
 
 
-def lr_lambda(cfg: LearnerConfig) -> Callable[[int], float]:
-    """Linear warm-up then constant or cosine decay to 0 at total_steps (multiplier of cfg.lr)."""
+def lr_lambda(config: LearnerConfig) -> Callable[[int], float]:
+    """Linear warm-up then constant or cosine decay to 0 at total_steps (multiplier of config.lr)."""
 
     def factor(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
+        if config.warmup_steps and step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.lr_schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
+        progress = min(1.0, (step - config.warmup_steps) / max(1, config.total_steps - config.warmup_steps))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor

@@ -12,12 +12,12 @@ from alignment.learner_config import LoraConfig
 from core.errors import ConfigError
 
 
-def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, config: LoraConfig) -> torch.nn.Module:
     """Inject LoRA adapters in place (the model keeps its class and methods); only adapters stay trainable."""
     import peft
 
     lora = peft.LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules)
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=list(config.target_modules)
     )
     try:
         model = peft.inject_adapter_in_model(lora, model)

@@ -37,16 +37,20 @@ class GrpoMicroBatch:
 
 
 def chain_scores(
-    model: NextStepModel, tokenizer: PreTrainedTokenizerBase, ids: SpecialIds, batch: RolloutBatch, train_with_cfg: bool
+    model: NextStepModel,
+    tokenizer: PreTrainedTokenizerBase,
+    ids: SpecialIds,
+    batch: RolloutBatch,
+    train_with_guidance: bool,
 ) -> ChainScores:
     """`model` re-scoring the recorded head chains of `batch` in one teacher-forced pass, on the prompt rows
-    the sampler saw (both CFG branches when `train_with_cfg` and the sampling used CFG)."""
+    the sampler saw (both CFG branches when `train_with_guidance` and the sampling used CFG)."""
     if batch.chains is None or batch.log_probs is None:
         raise ValueError("GRPO needs rollouts recorded with record_chains=True")
     sampling = batch.sampling
     size = (sampling.image_size, sampling.image_size)
     pb = build_prompt_batch(
-        tokenizer, ids, batch.prompts, size, with_uncond=train_with_cfg and sampling.uses_cfg,
+        tokenizer, ids, batch.prompts, size, with_uncond=train_with_guidance and sampling.uses_guidance,
         negative_prompt=sampling.negative_prompt, max_prompt_tokens=sampling.max_prompt_tokens,
     )  # fmt: skip
     device = next(model.parameters()).device
@@ -55,12 +59,12 @@ def chain_scores(
 
 def reference_means(
     ref_model: NextStepModel, tokenizer: PreTrainedTokenizerBase, ids: SpecialIds, batch: RolloutBatch,
-    train_with_cfg: bool = False,
+    train_with_guidance: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """The frozen reference's head means [B, T, S, 64] along the recorded chains (no gradient): what the
     KL term of `grpo_objective` compares the policy's means with."""
     with torch.no_grad():
-        return chain_scores(ref_model, tokenizer, ids, batch, train_with_cfg).means
+        return chain_scores(ref_model, tokenizer, ids, batch, train_with_guidance).means
 
 
 def grpo_objective(
@@ -73,7 +77,7 @@ def grpo_objective(
     weights: torch.Tensor,
     clip_eps: float,
     beta: float,
-    train_with_cfg: bool = False,
+    train_with_guidance: bool = False,
     kl_scale: KlScale = "exact",
     ref_means: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -84,10 +88,10 @@ def grpo_objective(
     kl_scale "exact": the KL summed over the 64 dims with the true step variance; "flow_grpo": that KL
     times `flow_grpo_kl_factor` (mean over dims, sde variance without dt), so flow_grpo's beta applies."""
     sampling = batch.sampling
-    scores = chain_scores(model, tokenizer, ids, batch, train_with_cfg)
+    scores = chain_scores(model, tokenizer, ids, batch, train_with_guidance)
     device, chains = scores.log_probs.device, batch.chains
     if ref_means is None and ref_model is not None and beta > 0:
-        ref_means = reference_means(ref_model, tokenizer, ids, batch, train_with_cfg)
+        ref_means = reference_means(ref_model, tokenizer, ids, batch, train_with_guidance)
     kl = None
     if ref_means is not None and beta > 0:
         kl = gaussian_kl_same_std(

@@ -45,9 +45,9 @@ class SftDataConfig:
     image_size: int = 64  # pixels per side; multiple of 16
 
 
-def load_pairs(cfg: SftDataConfig) -> tuple[list[str], torch.Tensor]:
+def load_pairs(config: SftDataConfig) -> tuple[list[str], torch.Tensor]:
     """Captions [N] and images uint8 [N, 3, S, S] (centre crop + resize)."""
-    records = read_tar_records(cfg) if is_webdataset(cfg.path) else read_parquet_records(cfg)
+    records = read_tar_records(config) if is_webdataset(config.path) else read_parquet_records(config)
     captions, images = [], []
     for where, caption, raw in records:
         if not isinstance(caption, str) or not caption.strip():
@@ -57,7 +57,7 @@ def load_pairs(cfg: SftDataConfig) -> tuple[list[str], torch.Tensor]:
         except (UnidentifiedImageError, TypeError, OSError, ValueError, SyntaxError, EOFError):
             raise UserError(f"{where}: image bytes are not a readable image") from None
         captions.append(caption)
-        images.append(center_square(img, cfg.image_size))
+        images.append(center_square(img, config.image_size))
     return captions, torch.stack(images)
 
 
@@ -81,23 +81,23 @@ def is_webdataset(path: str) -> bool:
     return "{" in path or path.endswith(".tar") or Path(path).is_dir()
 
 
-def read_parquet_records(cfg: SftDataConfig) -> list[tuple[str, object, object]]:
+def read_parquet_records(config: SftDataConfig) -> list[tuple[str, object, object]]:
     """(where, caption, image bytes) per row of a Parquet file."""
-    path = Path(cfg.path)
+    path = Path(config.path)
     if not path.is_file():
         raise UserError(f"SFT data not found: {path}")
-    table = read_columns(path, {cfg.caption_field: "string", cfg.image_field: "binary"}, "SFT data")
-    captions = table.column(cfg.caption_field).to_pylist()
+    table = read_columns(path, {config.caption_field: "string", config.image_field: "binary"}, "SFT data")
+    captions = table.column(config.caption_field).to_pylist()
     if not captions:
         raise UserError(f"{path}: no rows")
-    images = table.column(cfg.image_field).to_pylist()
+    images = table.column(config.image_field).to_pylist()
     return [(f"{path}: row {i}", c, raw) for i, (c, raw) in enumerate(zip(captions, images))]
 
 
-def read_tar_records(cfg: SftDataConfig) -> list[tuple[str, object, bytes]]:
+def read_tar_records(config: SftDataConfig) -> list[tuple[str, object, bytes]]:
     """(where, caption, image bytes) per sample of every shard, in shard then member order."""
     records = []
-    for shard in shard_paths(cfg.path):
+    for shard in shard_paths(config.path):
         samples: dict[str, dict[str, bytes]] = {}  # key -> {ext: bytes}, in order of first appearance
         try:
             with tarfile.open(shard, "r:*") as tar:
@@ -118,7 +118,7 @@ def read_tar_records(cfg: SftDataConfig) -> list[tuple[str, object, bytes]]:
         if not samples:
             raise UserError(f"{shard}: empty shard (no samples)")
         for key, files in samples.items():
-            records.append((f"{shard}: sample {key!r}", *_sample_pair(shard, key, files, cfg.caption_field)))
+            records.append((f"{shard}: sample {key!r}", *_sample_pair(shard, key, files, config.caption_field)))
     return records
 
 

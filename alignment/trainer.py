@@ -60,10 +60,10 @@ class Trainer:
 
     job = "train"  # the command's name: lock holder, log prefix, progress label
 
-    def __init__(self, cfg: RunConfig, lead: bool = True):
+    def __init__(self, config: RunConfig, lead: bool = True):
         """lead: whether this process writes the run (rank 0; every process without a launcher)."""
-        self.cfg, self.lead = cfg, lead
-        self.run_dir = Path(cfg.runs_root) / cfg.run_name
+        self.config, self.lead = config, lead
+        self.run_dir = Path(config.runs_root) / config.run_name
         self.state = TrainerState()
         self.logger: MetricsLogger | None = None
         self.learner: Learner  # built by setup()
@@ -108,7 +108,7 @@ class Trainer:
 
     def open_run(self) -> None:
         if self.lead:
-            self.run_dir = prepare_run_dir(self.cfg.runs_root, self.cfg.run_name, to_dict(self.cfg))
+            self.run_dir = prepare_run_dir(self.config.runs_root, self.config.run_name, to_dict(self.config))
             if (text := self.describe()) is not None:
                 print(text)
         resume_from = latest_checkpoint(self.run_dir)
@@ -118,15 +118,15 @@ class Trainer:
             if self.lead:
                 print(f"{self.job}: resumed from {resume_from.name} (step {self.state.step})")
         if self.lead:
-            self.logger = MetricsLogger(self.run_dir, tensorboard=self.cfg.tensorboard, wandb=self.cfg.wandb)
+            self.logger = MetricsLogger(self.run_dir, tensorboard=self.config.tensorboard, wandb=self.config.wandb)
             self.logger.truncate_after(self.state.step)
         self.opened(resume_from)
 
     def train(self) -> None:
-        cfg, state = self.cfg, self.state
-        progress = tqdm(initial=state.step, total=cfg.steps, desc=self.job, disable=not self.lead)
+        config, state = self.config, self.state
+        progress = tqdm(initial=state.step, total=config.steps, desc=self.job, disable=not self.lead)
         try:
-            while state.step < cfg.steps:
+            while state.step < config.steps:
                 try:
                     metrics = self.step()
                 except NonFiniteLossError as e:
@@ -140,7 +140,7 @@ class Trainer:
                     self.logger.log(state.step, metrics)
                 progress.update(1)
                 progress.set_postfix(self.postfix(metrics))
-                if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+                if state.step % config.checkpoint_every == 0 or state.step == config.steps:
                     self.save()
         finally:
             progress.close()
@@ -156,11 +156,11 @@ class Trainer:
         self.learner.save_state(step_dir)  # every rank: its optimizer / ZeRO partition
         self.learner.barrier()
         if self.lead:
-            finish_checkpoint(self.run_dir, step_dir, self.state, self.cfg.keep_last)
+            finish_checkpoint(self.run_dir, step_dir, self.state, self.config.keep_last)
 
     @property
     def checkpoint_dtype(self) -> torch.dtype | None:
-        return torch.bfloat16 if self.cfg.learner.bf16 else None
+        return torch.bfloat16 if self.config.learner.bf16 else None
 
     def cleanup(self) -> None:
         if self.logger is not None:  # None when the run directory was refused before open_run

@@ -93,12 +93,12 @@ def save_checkpoint(
             total += sum(t.numel() * t.element_size() for t in part.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
-        cfg = bundle.model.config.to_dict()
-        cfg.pop("_attn_implementation_internal", None)
-        cfg.update(model_type="nextstep", architectures=["NextStep"], vae_name_or_path="vae")
+        config = bundle.model.config.to_dict()
+        config.pop("_attn_implementation_internal", None)
+        config.update(model_type="nextstep", architectures=["NextStep"], vae_name_or_path="vae")
         if dtype is not None:
-            cfg["torch_dtype"] = str(dtype).replace("torch.", "")
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+            config["torch_dtype"] = str(dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         bundle.tokenizer.save_pretrained(str(tmp))
         save_vae(bundle.vae, tmp / "vae")
         replace_dir(tmp, directory)

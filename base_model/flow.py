@@ -52,7 +52,7 @@ def num_sde_steps(kind: TimeGridKind, num_steps: int) -> int:
     return num_steps - 1 if kind == "final_euler" else num_steps
 
 
-def cfg_velocity(
+def combine_guidance(
     v_cond: torch.Tensor,
     v_uncond: torch.Tensor,
     scale: float,

@@ -36,7 +36,7 @@ def sample_prompts(
     continue from these first m tokens (see `sample_tokens`)."""
     batch = build_prompt_batch(
         bundle.tokenizer, bundle.ids, prompts, (sampling.image_size, sampling.image_size),
-        with_uncond=sampling.uses_cfg, negative_prompt=sampling.negative_prompt,
+        with_uncond=sampling.uses_guidance, negative_prompt=sampling.negative_prompt,
         max_prompt_tokens=sampling.max_prompt_tokens,
     )  # fmt: skip
     seeds = torch.as_tensor(seeds, dtype=torch.int64)

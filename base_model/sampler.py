@@ -24,7 +24,7 @@ from base_model.flow import (
     PublishedNoise,
     SdeKind,
     TimeGridKind,
-    cfg_velocity,
+    combine_guidance,
     counter_noise,
     head_step,
     num_sde_steps,
@@ -78,7 +78,7 @@ class SamplingConfig:
                             f"{where}.max_prompt_tokens")  # fmt: skip
 
     @property
-    def uses_cfg(self) -> bool:
+    def uses_guidance(self) -> bool:
         return self.cfg_scale != 1.0
 
     @property
@@ -109,7 +109,7 @@ def guided_velocity(
     xx = x if r == b else torch.cat([x, x], dim=0)
     tt = torch.full((r,), t, dtype=torch.float32, device=x.device)
     v = model.velocity(xx, tt, cond)
-    return v if r == b else cfg_velocity(v[:b], v[b:], cfg_scale)
+    return v if r == b else combine_guidance(v[:b], v[b:], cfg_scale)
 
 
 def sample_token(
@@ -118,7 +118,7 @@ def sample_token(
     seeds: torch.Tensor,
     token_index: int,
     grid: list[float],
-    cfg: SamplingConfig,
+    config: SamplingConfig,
     record: bool,
     noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -129,7 +129,7 @@ def sample_token(
     log_probs [B, S] | None). Steps k >= S (the final_euler grid's last) are deterministic Euler steps.
     """
     num_steps = len(grid) - 1
-    num_sde = num_sde_steps(cfg.time_grid, num_steps)
+    num_sde = num_sde_steps(config.time_grid, num_steps)
     if noise is None:
         # streams 0..K of this token: x^0, then the noise of each step (the final_euler grid leaves K unused)
         streams = torch.arange(num_steps + 1, device=seeds.device)
@@ -137,12 +137,12 @@ def sample_token(
     x = noise[:, INIT_NOISE_STEP]
     chain, logps = ([x], []) if record else (None, None)
     for k in range(num_steps):
-        v = guided_velocity(model, x, grid[k], cond, cfg.cfg_scale)
+        v = guided_velocity(model, x, grid[k], cond, config.cfg_scale)
         scored = k < num_sde
         eps = noise[:, INIT_NOISE_STEP + 1 + k] if scored else torch.zeros_like(x)
         step = head_step(
-            x, v, grid[k], grid[k + 1], cfg.sde_kind if scored else "ode", noise=eps,
-            reduction=cfg.logprob_reduction, cps_noise_level=cfg.cps_noise_level,
+            x, v, grid[k], grid[k + 1], config.sde_kind if scored else "ode", noise=eps,
+            reduction=config.logprob_reduction, cps_noise_level=config.cps_noise_level,
         )  # fmt: skip
         x = step.x_next
         if record:
@@ -159,7 +159,7 @@ def sample_tokens(
     model: NextStepModel,
     batch: PromptBatch,
     seeds: torch.Tensor,
-    cfg: SamplingConfig,
+    config: SamplingConfig,
     record_chains: bool = False,
     progress: bool = False,
     prefix_tokens: torch.Tensor | None = None,
@@ -175,7 +175,7 @@ def sample_tokens(
     device = model.device
     batch = batch.to(device)
     seeds = seeds.to(device)
-    if cfg.uses_cfg and not batch.has_uncond:
+    if config.uses_guidance and not batch.has_uncond:
         raise ValueError("cfg_scale != 1 needs a prompt batch built with_uncond=True")
     rows, prompt_len, num_tokens = batch.input_ids.shape[0], batch.prompt_len, batch.num_image_tokens
     b = batch.num_prompts
@@ -183,8 +183,8 @@ def sample_tokens(
     cache = KVCache(model.config, rows, max_len, model.dtype, device)
     key_valid = torch.ones((rows, max_len), dtype=torch.bool, device=device)
     key_valid[:, :prompt_len] = batch.attention_mask
-    grid = time_grid(cfg.num_head_steps, cfg.timestep_shift, kind=cfg.time_grid).tolist()  # floats: no syncs
-    published = PublishedNoise(seeds, model.config.token_dim, device) if cfg.noise == "published" else None
+    grid = time_grid(config.num_head_steps, config.timestep_shift, kind=config.time_grid).tolist()  # floats: no syncs
+    published = PublishedNoise(seeds, model.config.token_dim, device) if config.noise == "published" else None
 
     all_positions = torch.arange(max_len, device=device)
     hidden = model.backbone(model.embed(batch.input_ids), key_valid, all_positions[:prompt_len], cache)
@@ -199,9 +199,9 @@ def sample_tokens(
         if j < num_given:
             y = prefix_tokens[:, j].to(device=device, dtype=torch.float32)  # [B, 64]
         else:
-            noise = None if published is None else published.draw(1 + cfg.num_scored_steps)  # [B, 1+S, 64]
-            x, chain, logp = sample_token(model, cond, seeds, j, grid, cfg, record_chains, noise)
-            y = token_norm(x) if cfg.use_norm else x  # [B, 64]
+            noise = None if published is None else published.draw(1 + config.num_scored_steps)  # [B, 1+S, 64]
+            x, chain, logp = sample_token(model, cond, seeds, j, grid, config, record_chains, noise)
+            y = token_norm(x) if config.use_norm else x  # [B, 64]
         tokens.append(y)
         if record_chains:
             chains.append(chain)

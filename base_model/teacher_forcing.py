@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from base_model.flow import (
-    cfg_velocity,
+    combine_guidance,
     flow_matching_inputs,
     head_step,
     num_sde_steps,
@@ -117,8 +117,8 @@ def sft_loss(
         raise ValueError("SFT batches carry no unconditional rows")
     out = teacher_forced(model, batch, ids, tokens, compute_text_ce=True)
     fm = flow_matching_loss(model, out.image_cond, tokens, model.config.fm_head_batch_mul, generator)
-    cfg = model.config
-    loss = cfg.lm_loss_weight * out.text_ce + cfg.im_loss_weight * fm
+    config = model.config
+    loss = config.lm_loss_weight * out.text_ce + config.im_loss_weight * fm
     return SftLoss(loss=loss, text_ce=out.text_ce.detach(), flow_matching=fm.detach())
 
 
@@ -138,18 +138,18 @@ def score_chains(
     ids: SpecialIds,
     tokens: torch.Tensor,
     chains: torch.Tensor,
-    cfg: SamplingConfig,
+    config: SamplingConfig,
 ) -> ChainScores:
     """Re-score recorded head chains with ONE teacher-forced pass (gradients flow when enabled).
 
-    tokens [B, T, 64] (as fed back); chains [B, T, K+1, 64], sampled on `cfg.time_grid`, whose first S
+    tokens [B, T, 64] (as fed back); chains [B, T, K+1, 64], sampled on `config.time_grid`, whose first S
     steps are scored. CFG is used iff `batch.has_uncond` (NextStep-1.1 trains without CFG: pass a batch
     built with_uncond=False).
     """
     tf = teacher_forced(model, batch, ids, tokens)
     b, t, k1, d = chains.shape
-    k = num_sde_steps(cfg.time_grid, k1 - 1)  # S: the final_euler grid's final Euler step is left out
-    grid = time_grid(k1 - 1, cfg.timestep_shift, device=chains.device, kind=cfg.time_grid)[: k + 1]  # [S+1]
+    k = num_sde_steps(config.time_grid, k1 - 1)  # S: the final_euler grid's final Euler step is left out
+    grid = time_grid(k1 - 1, config.timestep_shift, device=chains.device, kind=config.time_grid)[: k + 1]  # [S+1]
     x = chains[:, :, :k].reshape(-1, d)  # [B*T*S, 64]
     x_next = chains[:, :, 1 : k + 1].reshape(-1, d)
     ts = grid[:k].repeat(b * t)  # [B*T*S]
@@ -161,10 +161,10 @@ def score_chains(
     v = model.velocity(x, ts, cond_rows(tf.image_cond[:b]))
     if batch.has_uncond:
         v_u = model.velocity(x, ts, cond_rows(tf.image_cond[b:]))
-        v = cfg_velocity(v, v_u, cfg.cfg_scale)
+        v = combine_guidance(v, v_u, config.cfg_scale)
     step = head_step(
-        x, v, ts, ts_next, cfg.sde_kind, x_next=x_next,
-        reduction=cfg.logprob_reduction, cps_noise_level=cfg.cps_noise_level,
+        x, v, ts, ts_next, config.sde_kind, x_next=x_next,
+        reduction=config.logprob_reduction, cps_noise_level=config.cps_noise_level,
     )  # fmt: skip
     stds = step.std.reshape(b, t, k)[0, 0] if step.std.ndim else step.std.expand(k)
     return ChainScores(log_probs=step.log_prob.reshape(b, t, k), means=step.mean.reshape(b, t, k, d), stds=stds)

@@ -73,11 +73,11 @@ def special_ids(tokenizer, config=None) -> SpecialIds:
         ids[name] = int(tid)
     out = SpecialIds(**ids)
     if config is not None:
-        for field, cfg_name in [("boi", "boi"), ("eoi", "eoi"), ("placeholder", "image_placeholder_id")]:
-            want = getattr(config, cfg_name, None)
+        for field, config_name in [("boi", "boi"), ("eoi", "eoi"), ("placeholder", "image_placeholder_id")]:
+            want = getattr(config, config_name, None)
             if want is not None and want != getattr(out, field):
                 raise CheckpointError(
-                    f"config.json {cfg_name}={want} but the tokenizer maps it to {getattr(out, field)}"
+                    f"config.json {config_name}={want} but the tokenizer maps it to {getattr(out, field)}"
                 )
         if max(ids.values()) >= config.vocab_size:
             raise CheckpointError(f"special token id {max(ids.values())} >= vocab_size {config.vocab_size}")

@@ -155,21 +155,21 @@ class NextStepVAE(nn.Module):
         self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """images [B, 3, H, W] in [-1, 1] -> model latent (z - shift) * scale [B, 16, H/8, W/8]."""
-        cfg = self.config
-        side = cfg.downsample_factor * cfg.psz
+        config = self.config
+        side = config.downsample_factor * config.psz
         if images.shape[-2] % side or images.shape[-1] % side:
             raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of {side}")
         mean, logvar = self.encoder(images).chunk(2, dim=1)  # 2 x [B, 16, H/8, W/8]
-        if cfg.encoder_norm:
-            grid = (mean.shape[-2] // cfg.psz, mean.shape[-1] // cfg.psz)
-            tokens = token_layer_norm(patchify(mean, cfg.psz))  # [B, h*w, 64]
-            mean = unpatchify(tokens, grid, cfg.z_channels, cfg.psz)
+        if config.encoder_norm:
+            grid = (mean.shape[-2] // config.psz, mean.shape[-1] // config.psz)
+            tokens = token_layer_norm(patchify(mean, config.psz))  # [B, h*w, 64]
+            mean = unpatchify(tokens, grid, config.z_channels, config.psz)
         z = mean
-        if sample and not cfg.deterministic:
+        if sample and not config.deterministic:
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             z = mean + std * noise
-        return (z - cfg.shift_factor) * cfg.scaling_factor
+        return (z - config.shift_factor) * config.scaling_factor
 
     def encode(
         self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
@@ -179,13 +179,13 @@ class NextStepVAE(nn.Module):
 
     def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
         """model latent [B, 16, H/8, W/8] -> images [B, 3, H, W] in about [-1, 1]."""
-        cfg = self.config
-        return self.decoder(z / cfg.scaling_factor + cfg.shift_factor)
+        config = self.config
+        return self.decoder(z / config.scaling_factor + config.shift_factor)
 
     def decode(self, tokens: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
         """tokens [B, h*w, 64] on an h x w grid -> images [B, 3, 16h, 16w] in about [-1, 1]."""
-        cfg = self.config
-        return self.decode_latent(unpatchify(tokens, grid_hw, cfg.z_channels, cfg.psz))
+        config = self.config
+        return self.decode_latent(unpatchify(tokens, grid_hw, config.z_channels, config.psz))
 
 
 # ---------------------------------------------------------------- checkpoint I/O

@@ -117,20 +117,20 @@ class Level(nn.Module):
 class Encoder(nn.Module):
     """images [B, 3, H, W] -> moments [B, 2*z_channels, H/8, W/8] (mean then logvar)."""
 
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, config: VAEConfig):
         super().__init__()
-        g, last = cfg.norm_groups, len(cfg.ch_mult) - 1
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        g, last = config.norm_groups, len(config.ch_mult) - 1
+        self.conv_in = nn.Conv2d(config.in_channels, config.ch, 3, padding=1)
         self.down = nn.ModuleList()
-        width = cfg.ch
-        for i, mult in enumerate(cfg.ch_mult):
-            out = cfg.ch * mult
-            widths = [width] + [out] * cfg.num_res_blocks
+        width = config.ch
+        for i, mult in enumerate(config.ch_mult):
+            out = config.ch * mult
+            widths = [width] + [out] * config.num_res_blocks
             self.down.append(Level(widths, g, Downsample(out) if i != last else None, "downsample"))
             width = out
         self.mid = MidBlock(width, g)
         self.norm_out = _group_norm(width, g)
-        self.conv_out = nn.Conv2d(width, 2 * cfg.z_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(width, 2 * config.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)  # [B, ch, H, W]
@@ -143,21 +143,21 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """latent [B, z_channels, H/8, W/8] -> images [B, 3, H, W]; `up[0]` is the highest resolution."""
 
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, config: VAEConfig):
         super().__init__()
-        g = cfg.norm_groups
-        width = cfg.ch * cfg.ch_mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, width, 3, padding=1)
+        g = config.norm_groups
+        width = config.ch * config.ch_mult[-1]
+        self.conv_in = nn.Conv2d(config.z_channels, width, 3, padding=1)
         self.mid = MidBlock(width, g)
         levels: list[Level] = []
-        for i in reversed(range(len(cfg.ch_mult))):  # built from the lowest resolution up
-            out = cfg.ch * cfg.ch_mult[i]
-            widths = [width] + [out] * (cfg.num_res_blocks + 1)
+        for i in reversed(range(len(config.ch_mult))):  # built from the lowest resolution up
+            out = config.ch * config.ch_mult[i]
+            widths = [width] + [out] * (config.num_res_blocks + 1)
             levels.append(Level(widths, g, Upsample(out) if i != 0 else None, "upsample"))
             width = out
         self.up = nn.ModuleList(reversed(levels))  # indexed by level, 0 = highest resolution
         self.norm_out = _group_norm(width, g)
-        self.conv_out = nn.Conv2d(width, cfg.out_ch, 3, padding=1)
+        self.conv_out = nn.Conv2d(width, config.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))  # [B, ch*ch_mult[-1], H/8, W/8]

@@ -55,10 +55,10 @@ def main() -> int:
     if rc != 0:
         return rc
     os.chdir(ROOT)
-    cfg = load_config(PipelineConfig, args.config, args.overrides)
-    table, rows = comparison_table(cfg.report)
-    walls = Ledger(Path(cfg.out_dir)).wall_times()
-    rewards = cfg.report.rewards
+    config = load_config(PipelineConfig, args.config, args.overrides)
+    table, rows = comparison_table(config.report)
+    walls = Ledger(Path(config.out_dir)).wall_times()
+    rewards = config.report.rewards
     header = ["checkpoint", "what", "stages' wall time (s)"]
     header += [col for r in rewards for col in (r, f"{r} vs pretrained [95% CI]")] + ["beats pretrained"]
     lines = []
@@ -75,7 +75,7 @@ def main() -> int:
                 wins.append(f"{r}: {'yes' if d[1] > 0 else 'no'}")
         cells.append(", ".join(wins) or "-")
         lines.append(cells)
-    selection = Path(cfg.out_dir) / "runs" / "sft" / "selection.json"
+    selection = Path(config.out_dir) / "runs" / "sft" / "selection.json"
     chosen = json.loads(selection.read_text())["chosen"] if selection.is_file() else "?"
     total = sum(walls.values())
     text = "\n".join([
@@ -89,23 +89,25 @@ def main() -> int:
         "of the paired 95% CI is above zero.", "",
     ])  # fmt: skip
     if args.replicate_seed:
-        text += confirmation(cfg, args.replicate_seed, args.replicate_samples)
+        text += confirmation(config, args.replicate_seed, args.replicate_samples)
     Path(args.out).write_text(text, encoding="utf-8")
     print("\n" + text)
     from e2e_diagnose import main as diagnose  # bench/ is on sys.path when run as a script
 
-    return diagnose(["--eval", cfg.report.eval_dir, "--metadata", str(Path(cfg.world.out) / "data" / "metadata.jsonl")])
+    return diagnose(
+        ["--eval", config.report.eval_dir, "--metadata", str(Path(config.world.out) / "data" / "metadata.jsonl")]
+    )
 
 
-def confirmation(cfg: PipelineConfig, seed: int, samples: int) -> str:
+def confirmation(config: PipelineConfig, seed: int, samples: int) -> str:
     """Re-run the pipeline's evaluate stage with another sample seed (resumable) -> its comparison table."""
-    stage = next(s for s in cfg.stages if s.job == "evaluate")
-    out_dir = f"{cfg.report.eval_dir}_confirm"
+    stage = next(s for s in config.stages if s.job == "evaluate")
+    out_dir = f"{config.report.eval_dir}_confirm"
     cmd = [sys.executable, "-m", "jobs.cli", "evaluate", stage.config, *stage.overrides, f"out_dir={out_dir}",
            f"seed={seed}", f"samples_per_prompt={samples}"]  # fmt: skip
     if subprocess.call(cmd, cwd=ROOT) != 0:
         return f"\nConfirmation on seed {seed} failed: `{' '.join(cmd[1:])}`.\n"
-    table, _ = comparison_table(dataclasses.replace(cfg.report, eval_dir=out_dir, out=""))
+    table, _ = comparison_table(dataclasses.replace(config.report, eval_dir=out_dir, out=""))
     return "\n".join([
         f"## Confirmation: the same checkpoints on {samples} fresh seeds per prompt (seed {seed}, `{out_dir}`)",
         "", table, "",

@@ -40,13 +40,13 @@ def build(out: Path, overrides: list[str]) -> dict:
     from core.schema import load_config
     from jobs.build_prefs import BuildPrefsConfig, run_build_prefs
 
-    cfg = load_config(BuildPrefsConfig, CONFIG, [f"out_dir={out}", *overrides])
+    config = load_config(BuildPrefsConfig, CONFIG, [f"out_dir={out}", *overrides])
     t0 = time.time()
-    run_build_prefs(cfg)
+    run_build_prefs(config)
     wall = time.time() - t0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     times = sorted(r["time"] for r in rows)
-    steady = (len(times) - 1) * cfg.prompts_per_shard / (times[-1] - times[0])
+    steady = (len(times) - 1) * config.prompts_per_shard / (times[-1] - times[0])
     return {"prompts_per_s": steady, "wall_s": wall, "first_shard_s": times[0] - t0, "prompts": len(rows)}
 
 

@@ -26,7 +26,7 @@ import torch
 
 import base_model  # noqa: F401
 from base_model.checkpoint import build_random
-from base_model.flow import cfg_velocity, head_step, time_grid
+from base_model.flow import combine_guidance, head_step, time_grid
 from base_model.model import KVCache
 from base_model.sampler import SamplingConfig, sample_token, sample_tokens, token_norm
 from base_model.sequence import append_image_block, build_prompt_batch
@@ -46,7 +46,7 @@ def timed(fn, repeats: int = 1) -> float:
 def ours(bundle, prompts, sampling, batch_size):
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s : s + batch_size]
-        pb = build_prompt_batch(bundle.tokenizer, bundle.ids, chunk, (sampling.image_size,) * 2, sampling.uses_cfg)
+        pb = build_prompt_batch(bundle.tokenizer, bundle.ids, chunk, (sampling.image_size,) * 2, sampling.uses_guidance)
         sample_tokens(bundle.model, pb, torch.arange(s, s + len(chunk)), sampling)
 
 
@@ -69,7 +69,7 @@ def official_style(bundle, prompts, sampling):
             for k in range(sampling.num_head_steps):
                 t = grid[k].repeat(2)
                 v = model.velocity(torch.cat([x, x]), t, cond)
-                v = cfg_velocity(v[:1], v[1:], sampling.cfg_scale)
+                v = combine_guidance(v[:1], v[1:], sampling.cfg_scale)
                 x = head_step(x, v, grid[k], grid[k + 1], "sde", noise=torch.randn(1, d)).x_next
             y = token_norm(x)
             tokens = y[:, None] if tokens is None else torch.cat([tokens, y[:, None]], dim=1)
@@ -163,7 +163,7 @@ def device_section(preset: str, device: str, in_flight: int, image_size: int, st
     model = random_model_on(preset, device, dtype)
     tok = build_tiny_tokenizer()  # prompt text only: its ids are valid rows of any larger vocabulary
     ids = special_ids(tok)
-    cfg = model.config
+    config = model.config
     sampling = SamplingConfig(image_size=image_size, cfg_scale=7.5, num_head_steps=steps)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
@@ -178,14 +178,14 @@ def device_section(preset: str, device: str, in_flight: int, image_size: int, st
 
     pb = build_prompt_batch(tok, ids, ["a photo of a cat"], (image_size, image_size), True).to(device)
     rows, t = pb.input_ids.shape[0], pb.num_image_tokens
-    cache = KVCache(cfg, rows, pb.prompt_len + t, dtype, device)
+    cache = KVCache(config, rows, pb.prompt_len + t, dtype, device)
     valid = torch.ones(rows, pb.prompt_len + t, dtype=torch.bool, device=device)
     positions = torch.arange(pb.prompt_len + t, device=device)
     model.backbone(model.embed(pb.input_ids), valid, positions[: pb.prompt_len], cache)
-    emb = torch.randn(rows, 1, cfg.hidden_size, device=device, dtype=dtype)
+    emb = torch.randn(rows, 1, config.hidden_size, device=device, dtype=dtype)
     pos = positions[pb.prompt_len + 10 : pb.prompt_len + 11]
     backbone_ms = clock(lambda: model.backbone(emb, valid, pos, cache), 20) * 1e3
-    cond = torch.randn(rows, cfg.hidden_size, device=device, dtype=dtype)
+    cond = torch.randn(rows, config.hidden_size, device=device, dtype=dtype)
     grid = time_grid(steps).tolist()
     seeds = torch.arange(1, device=device)
     head_ms = clock(lambda: sample_token(model, cond, seeds, 0, grid, sampling, False), 5) * 1e3

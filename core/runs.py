@@ -49,10 +49,10 @@ def prepare_run_dir(
     run = Path(root) / name
     for d in (run, *sorted(run.glob("step_*"))):
         remove_partial_writes(d)
-    cfg_path = run / "config.yaml"
+    config_path = run / "config.yaml"
     text = yaml.safe_dump(resolved_config, sort_keys=True)
-    if cfg_path.is_file():
-        old = yaml.safe_load(cfg_path.read_text()) or {}
+    if config_path.is_file():
+        old = yaml.safe_load(config_path.read_text()) or {}
         new = yaml.safe_load(text)
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in extendable)
         if changed:
@@ -60,13 +60,13 @@ def prepare_run_dir(
                 f"{run} holds a run whose config differs in {', '.join(changed)}; "
                 "resume with the same config or pick a new run name"
             )
-        atomic_write_text(cfg_path, text)
+        atomic_write_text(config_path, text)
         return run
     try:
         run.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise unwritable(run, e) from None
-    atomic_write_text(cfg_path, text)
+    atomic_write_text(config_path, text)
     return run
 
 

@@ -17,8 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-EVAL_MANIFEST = "eval.json"  # rollout/eval_format.py MANIFEST (not imported: it imports torch)
-PREFS_MANIFEST = "manifest.json"
+from core.formats import EVAL_MANIFEST, PREFS_DATA_DIR, PREFS_MANIFEST, SHARD_GLOB
 
 
 @dataclass
@@ -49,7 +48,7 @@ def read_eval(directory: str | Path, names: list[str] | None = None) -> EvalResu
     rewards = list(manifest["rewards"])
     tables = {}
     for name in names:
-        files = sorted((directory / manifest["scores_dir"] / name).glob("shard-*.parquet"))
+        files = sorted((directory / manifest["scores_dir"] / name).glob(SHARD_GLOB))
         if not files:
             raise FileNotFoundError(f"{directory}: no scores for checkpoint {name!r}")
         t = pa.concat_tables([pq.read_table(f) for f in files])
@@ -119,7 +118,7 @@ class PrefPairs:
 
 
 def is_prefs_dir(path: Path) -> bool:
-    return (path / PREFS_MANIFEST).is_file() and (path / "data").is_dir()
+    return (path / PREFS_MANIFEST).is_file() and (path / PREFS_DATA_DIR).is_dir()
 
 
 def read_prefs(directory: str | Path, max_pairs: int = 2000) -> PrefPairs:
@@ -128,7 +127,7 @@ def read_prefs(directory: str | Path, max_pairs: int = 2000) -> PrefPairs:
     manifest = json.loads((directory / PREFS_MANIFEST).read_text())
     cols = ["prompt", "chosen_image", "rejected_image", "chosen_scores", "rejected_scores"]
     tables, count = [], 0
-    for f in sorted((directory / "data").glob("shard-*.parquet")):
+    for f in sorted((directory / PREFS_DATA_DIR).glob(SHARD_GLOB)):
         if count >= max_pairs:
             break
         t = pq.read_table(f, columns=cols)

@@ -33,14 +33,15 @@ from base_model.checkpoint import verify_model_spec
 from base_model.sampler import SamplingConfig
 from base_model.sequence import check_sequence_fits, model_max_positions, prompt_tokenizer, truncation_note
 from core.errors import ConfigError, UserError
-from core.files import atomic_write, atomic_write_text, lock_dir
+from core.files import atomic_write, atomic_write_text, lock_dir, remove_partial_writes
+from core.formats import shard_name
 from core.pools import make_pool
 from core.runs import MetricsLogger, prepare_run_dir
 from core.schema import load_config, to_dict
 from rewards.base import RewardsConfig, reward_table
 from rewards.worker import RewardWorker
 from rollout.pairs import PairConfig, prompt_rng, select_pairs
-from rollout.prefs_format import DATA_DIR, MANIFEST, pairs_schema, png_bytes, shard_name
+from rollout.prefs_format import DATA_DIR, MANIFEST, pairs_schema, png_bytes
 from rollout.prompts import PromptSourceConfig, load_prompts
 from rollout.worker import RolloutConfig, RolloutWorker
 
@@ -84,43 +85,42 @@ class BuildPrefsConfig:
         return self.prompts_per_shard * self.samples_per_prompt
 
 
-def check_inputs(cfg: BuildPrefsConfig):
+def check_inputs(config: BuildPrefsConfig):
     """Everything that can be checked before any output exists: prompts, model and reward files."""
-    prompts = load_prompts(cfg.prompts.path, cfg.prompts.field, cfg.prompts.limit)
-    for spec in cfg.rewards.rewards:
+    prompts = load_prompts(config.prompts.path, config.prompts.field, config.prompts.limit)
+    for spec in config.rewards.rewards:
         for f in spec.family_config(spec.name).files():
             if not Path(f.path).is_file():
                 raise UserError(f"reward '{spec.name}': {f.path} missing (expected {f.expected}; from {f.source})")
-    if Path(cfg.model).exists() or "/" in cfg.model:
-        load_model_config(cfg.model)  # missing directory or config.json -> CheckpointError naming it
-    verify_model_spec(cfg.model)  # every shard's header too: a corrupt one would kill the workers as they start
+    if Path(config.model).exists() or "/" in config.model:
+        load_model_config(config.model)  # missing directory or config.json -> CheckpointError naming it
+    verify_model_spec(config.model)  # every shard's header too: a corrupt one would kill the workers as they start
     return prompts
 
 
-def prepare_out_dir(cfg: BuildPrefsConfig) -> Path:
+def prepare_out_dir(config: BuildPrefsConfig) -> Path:
     """Create the output directory, or reopen it for a resume (same config, except where to run)."""
-    out = Path(cfg.out_dir)
-    resolved = to_dict(cfg)
+    out = Path(config.out_dir)
+    resolved = to_dict(config)
     resolved["rollout"].pop("pool")  # workers and devices may change between attempts; outputs do not
     resolved["rewards"].pop("pool")
     run = prepare_run_dir(out.parent, out.name, resolved)
     (run / DATA_DIR).mkdir(exist_ok=True)
-    for stale in (run / DATA_DIR).glob(".*.tmp-*"):  # a shard being written when the last attempt died
-        stale.unlink()
+    remove_partial_writes(run / DATA_DIR)  # shards being written when the last attempt died
     return run
 
 
 def shard_rows(
-    cfg: BuildPrefsConfig, batch, scores: dict[str, np.ndarray], sampling_json: str, checkpoint: str
+    config: BuildPrefsConfig, batch, scores: dict[str, np.ndarray], sampling_json: str, checkpoint: str
 ) -> list[dict]:
     """One shard's rollouts + per-reward scores [B] -> pair rows (prefs_format.pairs_schema)."""
-    g = cfg.samples_per_prompt
+    g = config.samples_per_prompt
     rows = []
     for p in range(len(batch) // g):
         group = slice(p * g, (p + 1) * g)
         table = {name: s[group] for name, s in scores.items()}  # name -> [G]
         prompt_id = batch.prompt_ids[p * g]
-        pairs = select_pairs(cfg.pairs, table, prompt_rng(cfg.seed, prompt_id))
+        pairs = select_pairs(config.pairs, table, prompt_rng(config.seed, prompt_id))
         for k, (w, l) in enumerate(pairs):
             i, j = p * g + w, p * g + l
             rows.append({
@@ -129,11 +129,11 @@ def shard_rows(
                 "chosen_tokens": batch.tokens[i].tolist(), "rejected_tokens": batch.tokens[j].tolist(),
                 "chosen_scores": {n: float(s[i]) for n, s in scores.items()},
                 "rejected_scores": {n: float(s[j]) for n, s in scores.items()},
-                "chosen_reward": float(table[cfg.pairs.primary][w]),
-                "rejected_reward": float(table[cfg.pairs.primary][l]),
+                "chosen_reward": float(table[config.pairs.primary][w]),
+                "rejected_reward": float(table[config.pairs.primary][l]),
                 "chosen_seed": int(batch.seeds[i]), "rejected_seed": int(batch.seeds[j]),
                 "chosen_sample_index": w, "rejected_sample_index": l,
-                "strategy": cfg.pairs.strategy, "sampling": sampling_json, "checkpoint": checkpoint,
+                "strategy": config.pairs.strategy, "sampling": sampling_json, "checkpoint": checkpoint,
                 "policy_version": batch.policy_version,
             })  # fmt: skip
     return rows
@@ -145,34 +145,35 @@ def write_shard(run: Path, index: int, rows: list[dict], reward_names: list[str]
     atomic_write(run / DATA_DIR / shard_name(index), lambda tmp: pq.write_table(table, tmp))
 
 
-def run_build_prefs(cfg: BuildPrefsConfig) -> Path:
+def run_build_prefs(config: BuildPrefsConfig) -> Path:
     """The job. Returns the output directory."""
-    prompts = check_inputs(cfg)
-    texts, limit = [p.text for p in prompts], cfg.sampling.max_prompt_tokens  # tokenizer read before any output
-    note = truncation_note("build-prefs", "sampling.max_prompt_tokens", prompt_tokenizer(cfg.model), texts, limit)
-    shards = [prompts[s : s + cfg.prompts_per_shard] for s in range(0, len(prompts), cfg.prompts_per_shard)]
-    with lock_dir(cfg.out_dir, "build-prefs"):  # held for the job's life
-        run = prepare_out_dir(cfg)
+    prompts = check_inputs(config)
+    texts, limit = [p.text for p in prompts], config.sampling.max_prompt_tokens  # tokenizer read before any output
+    note = truncation_note("build-prefs", "sampling.max_prompt_tokens", prompt_tokenizer(config.model), texts, limit)
+    shards = [prompts[s : s + config.prompts_per_shard] for s in range(0, len(prompts), config.prompts_per_shard)]
+    with lock_dir(config.out_dir, "build-prefs"):  # held for the job's life
+        run = prepare_out_dir(config)
         todo = [i for i in range(len(shards)) if not (run / DATA_DIR / shard_name(i)).is_file()]
         done_prompts = len(prompts) - sum(len(shards[i]) for i in todo)
-        reward_names = [r.name for r in cfg.rewards.rewards] + ["composite"]
-        rp, wp = cfg.rollout.pool, cfg.rewards.pool
-        print(f"build-prefs: {len(prompts)} prompts x {cfg.samples_per_prompt} samples = "
-              f"{len(prompts) * cfg.samples_per_prompt} images in {len(shards)} shards of {cfg.prompts_per_shard} "
+        reward_names = [r.name for r in config.rewards.rewards] + ["composite"]
+        rp, wp = config.rollout.pool, config.rewards.pool
+        print(f"build-prefs: {len(prompts)} prompts x {config.samples_per_prompt} samples = "
+              f"{len(prompts) * config.samples_per_prompt} images in {len(shards)} shards "
+              f"of {config.prompts_per_shard} "
               f"prompts ({len(shards) - len(todo)} already done); rollout {rp.kind} x {rp.num_workers}, "
               f"rewards {wp.kind} x {wp.num_workers} -> {run}")  # fmt: skip
         if note:
             print(note)
 
-        checkpoint = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
-        sampling_json = json.dumps(dataclasses.asdict(cfg.sampling), sort_keys=True)
-        logger = MetricsLogger(run, tensorboard=cfg.tensorboard, wandb=cfg.wandb)
+        checkpoint = str(Path(config.model).resolve()) if Path(config.model).exists() else config.model
+        sampling_json = json.dumps(dataclasses.asdict(config.sampling), sort_keys=True)
+        logger = MetricsLogger(run, tensorboard=config.tensorboard, wandb=config.wandb)
         if todo:
-            worker_kwargs = dict(model=cfg.model, sampling=cfg.sampling, device=cfg.rollout.device,
-                                 dtype=cfg.rollout.dtype, micro_batch_samples=cfg.rollout.micro_batch_samples,
-                                 run_seed=cfg.seed, num_threads=cfg.rollout.num_threads)  # fmt: skip
-            rollout_pool = make_pool(RolloutWorker, (), cfg.rollout.pool, worker_kwargs)
-            reward_pool = make_pool(RewardWorker, (cfg.rewards,), cfg.rewards.pool)
+            worker_kwargs = dict(model=config.model, sampling=config.sampling, device=config.rollout.device,
+                                 dtype=config.rollout.dtype, micro_batch_samples=config.rollout.micro_batch_samples,
+                                 run_seed=config.seed, num_threads=config.rollout.num_threads)  # fmt: skip
+            rollout_pool = make_pool(RolloutWorker, (), config.rollout.pool, worker_kwargs)
+            reward_pool = make_pool(RewardWorker, (config.rewards,), config.rewards.pool)
             progress = tqdm(total=len(prompts), initial=done_prompts, unit="prompt", desc="build-prefs", smoothing=0.1)
             # Stage 1 streams rollouts as they finish; stage 2 scores each on the reward pool; the driver
             # picks pairs and writes the shard. Inputs are read lazily: only the shards in flight are held.
@@ -180,7 +181,7 @@ def run_build_prefs(cfg: BuildPrefsConfig) -> Path:
             started, new_prompts = time.time(), 0
 
             def rollouts():
-                calls = ((shards[i], cfg.samples_per_prompt) for i in todo)
+                calls = ((shards[i], config.samples_per_prompt) for i in todo)
                 for n, (k, batch) in enumerate(rollout_pool.imap_unordered("rollout", calls)):
                     in_flight[n] = (todo[k], time.time(), batch)
                     yield batch.images, batch.prompts
@@ -189,7 +190,7 @@ def run_build_prefs(cfg: BuildPrefsConfig) -> Path:
                 for n, output in reward_pool.imap_unordered("score", rollouts()):
                     shard, _, batch = in_flight.pop(n)
                     scores = reward_table(output, reward_names)
-                    rows = shard_rows(cfg, batch, scores, sampling_json, checkpoint)
+                    rows = shard_rows(config, batch, scores, sampling_json, checkpoint)
                     write_shard(run, shard, rows, reward_names)
                     progress.update(len(shards[shard]))
                     done_prompts += len(shards[shard])
@@ -199,7 +200,7 @@ def run_build_prefs(cfg: BuildPrefsConfig) -> Path:
                     metrics.update({
                         "prefs/pairs": len(rows), "prefs/done_prompts": done_prompts,
                         "prefs/primary_gap": float(np.mean(gaps)) if gaps else 0.0,
-                        "time/images_per_s": new_prompts * cfg.samples_per_prompt / max(time.time() - started, 1e-9),
+                        "time/images_per_s": new_prompts * config.samples_per_prompt / max(time.time() - started, 1e-9),
                     })  # fmt: skip
                     logger.log(shard, metrics)
             finally:
@@ -207,13 +208,13 @@ def run_build_prefs(cfg: BuildPrefsConfig) -> Path:
                 rollout_pool.shutdown()
                 reward_pool.shutdown()
         logger.close()
-        manifest = write_manifest(run, cfg, len(prompts), len(shards), reward_names, checkpoint)
+        manifest = write_manifest(run, config, len(prompts), len(shards), reward_names, checkpoint)
         print(f"build-prefs: {manifest['num_pairs']} pairs from {manifest['num_prompts']} prompts in {run / DATA_DIR}")
     return run
 
 
 def write_manifest(
-    run: Path, cfg: BuildPrefsConfig, num_prompts: int, num_shards: int, reward_names: list[str], checkpoint: str
+    run: Path, config: BuildPrefsConfig, num_prompts: int, num_shards: int, reward_names: list[str], checkpoint: str
 ) -> dict:
     """Counts read back from the shard files themselves, the config and the provenance."""
     files = [run / DATA_DIR / shard_name(i) for i in range(num_shards)]
@@ -223,11 +224,11 @@ def write_manifest(
     counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
     manifest = {
         "complete": True, "num_prompts": num_prompts, "num_shards": num_shards, "num_pairs": int(sum(counts)),
-        "samples_per_prompt": cfg.samples_per_prompt, "num_images_sampled": num_prompts * cfg.samples_per_prompt,
-        "rewards": reward_names, "primary": cfg.pairs.primary, "strategy": cfg.pairs.strategy,
-        "sampling": dataclasses.asdict(cfg.sampling), "checkpoint": checkpoint,
+        "samples_per_prompt": config.samples_per_prompt, "num_images_sampled": num_prompts * config.samples_per_prompt,
+        "rewards": reward_names, "primary": config.pairs.primary, "strategy": config.pairs.strategy,
+        "sampling": dataclasses.asdict(config.sampling), "checkpoint": checkpoint,
         "shards": [{"file": f"{DATA_DIR}/{f.name}", "num_pairs": c} for f, c in zip(files, counts)],
-        "config": to_dict(cfg),
+        "config": to_dict(config),
     }  # fmt: skip
 
     atomic_write_text(run / MANIFEST, json.dumps(manifest, indent=2, default=str))
@@ -240,8 +241,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(BuildPrefsConfig, args.config, args.overrides)
-    if cfg.rollout.pool.kind == "ray" or cfg.rewards.pool.kind == "ray":
+    config = load_config(BuildPrefsConfig, args.config, args.overrides)
+    if config.rollout.pool.kind == "ray" or config.rewards.pool.kind == "ray":
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    run_build_prefs(cfg)
+    run_build_prefs(config)
     return 0

@@ -145,77 +145,78 @@ class DpoTrainer(Trainer):
 
     job = "dpo"
 
-    def __init__(self, cfg: DpoConfig):
-        super().__init__(cfg, lead=rank() == 0)
-        self.cfg: DpoConfig = cfg
+    def __init__(self, config: DpoConfig):
+        super().__init__(config, lead=rank() == 0)
+        self.config: DpoConfig = config
         self.me, self.world = rank(), world_size()
 
     def setup(self) -> None:
-        cfg = self.cfg
-        self.pairs = read_pairs(cfg.data.path)
-        self.split = split_by_prompt(self.pairs.prompts, cfg.data.eval_fraction)
-        self.bundle = resolve_model(cfg.model, seed=cfg.seed)
-        check_pairs_fit(self.pairs, self.bundle, cfg.data.path)
-        check_sequence_fits(cfg.max_prompt_tokens, (self.pairs.image_size,) * 2,
+        config = self.config
+        self.pairs = read_pairs(config.data.path)
+        self.split = split_by_prompt(self.pairs.prompts, config.data.eval_fraction)
+        self.bundle = resolve_model(config.model, seed=config.seed)
+        check_pairs_fit(self.pairs, self.bundle, config.data.path)
+        check_sequence_fits(config.max_prompt_tokens, (self.pairs.image_size,) * 2,
                             self.bundle.model.config.max_position_embeddings,
-                            f"{cfg.data.path}: max_prompt_tokens")  # fmt: skip
-        torch.manual_seed(cfg.seed)
-        self.learner = Learner(self.bundle.model.train(), cfg.learner, reference=True)  # a rendezvous of all ranks
+                            f"{config.data.path}: max_prompt_tokens")  # fmt: skip
+        torch.manual_seed(config.seed)
+        self.learner = Learner(self.bundle.model.train(), config.learner, reference=True)  # a rendezvous of all ranks
         # this rank's held-out pairs; their (t, e) are fixed for the whole run so evaluations compare
         self.my_eval = list(range(self.me, len(self.split.eval), self.world))
-        per = cfg.eval_micro_batch_pairs
+        per = config.eval_micro_batch_pairs
         self.eval_batches = [
             make_batch(self.pairs, [self.split.eval[i] for i in self.my_eval[s : s + per]], self.my_eval[s : s + per],
-                       cfg.seed, EVAL_STREAM)
+                       config.seed, EVAL_STREAM)
             for s in range(0, len(self.my_eval), per)
         ]  # fmt: skip
 
     def describe(self) -> str:
-        cfg, split, pairs = self.cfg, self.split, self.pairs
-        per_rank = cfg.pairs_per_rank()
+        config, split, pairs = self.config, self.split, self.pairs
+        per_rank = config.pairs_per_rank()
         text = (f"dpo: {len(split.train)} train pairs ({split.num_train_prompts} prompts), {len(split.eval)} "
                 f"held-out pairs ({split.num_eval_prompts} prompts); {pairs.chosen_tokens.shape[1]} tokens/image at "
-                f"{pairs.image_size}px; {cfg.pairs_per_step} pairs/step = {self.world} ranks x "
-                f"{per_rank // cfg.micro_batch_pairs} micro batches x {cfg.micro_batch_pairs} pairs; {cfg.steps} "
-                f"steps (~{cfg.steps * cfg.pairs_per_step / len(split.train):.1f} epochs); beta {cfg.beta}; "
-                f"{'LoRA' if cfg.learner.lora else 'full'} fine-tuning -> {self.run_dir}")  # fmt: skip
+                f"{pairs.image_size}px; {config.pairs_per_step} pairs/step = {self.world} ranks x "
+                f"{per_rank // config.micro_batch_pairs} micro batches x {config.micro_batch_pairs} pairs; "
+                f"{config.steps} "
+                f"steps (~{config.steps * config.pairs_per_step / len(split.train):.1f} epochs); beta {config.beta}; "
+                f"{'LoRA' if config.learner.lora else 'full'} fine-tuning -> {self.run_dir}")  # fmt: skip
         unique = sorted(set(pairs.prompts))
-        note = truncation_note("dpo", "max_prompt_tokens", self.bundle.tokenizer, unique, cfg.max_prompt_tokens)
+        note = truncation_note("dpo", "max_prompt_tokens", self.bundle.tokenizer, unique, config.max_prompt_tokens)
         return f"{text}\n{note}" if note else text
 
     def step(self) -> dict[str, float] | None:
-        cfg, state = self.cfg, self.state
+        config, state = self.config, self.state
         start = time.perf_counter()
-        position, per_rank = state.consumed_pairs, cfg.pairs_per_rank()
-        order = sample_order(len(self.split.train), cfg.seed, position, cfg.pairs_per_step)
+        position, per_rank = state.consumed_pairs, config.pairs_per_rank()
+        order = sample_order(len(self.split.train), config.seed, position, config.pairs_per_step)
         mine = range(self.me * per_rank, (self.me + 1) * per_rank)  # contiguous slice of this step's pairs
         micro = [
-            make_batch(self.pairs, [self.split.train[order[i]] for i in mine[s : s + cfg.micro_batch_pairs]],
-                       [position + i for i in mine[s : s + cfg.micro_batch_pairs]], cfg.seed, TRAIN_STREAM)
-            for s in range(0, per_rank, cfg.micro_batch_pairs)
+            make_batch(self.pairs, [self.split.train[order[i]] for i in mine[s : s + config.micro_batch_pairs]],
+                       [position + i for i in mine[s : s + config.micro_batch_pairs]], config.seed, TRAIN_STREAM)
+            for s in range(0, per_rank, config.micro_batch_pairs)
         ]  # fmt: skip
-        torch.manual_seed(cfg.seed * 1_000_003 + state.step * 101 + self.me)  # LoRA dropout: exact on resume
+        torch.manual_seed(config.seed * 1_000_003 + state.step * 101 + self.me)  # LoRA dropout: exact on resume
         result = self.learner.step(micro, self.loss_fn)
-        state.consumed_pairs = position + cfg.pairs_per_step  # a skipped attempt passes its pairs over
+        state.consumed_pairs = position + config.pairs_per_step  # a skipped attempt passes its pairs over
         if not result.updated:  # every rank alike
             return None
         metrics = result.metrics
-        metrics["train/pairs_per_s"] = cfg.pairs_per_step / (time.perf_counter() - start)
+        metrics["train/pairs_per_s"] = config.pairs_per_step / (time.perf_counter() - start)
         done = state.step + 1
-        if self.split.eval and (done % cfg.eval_every == 0 or done == cfg.steps):
+        if self.split.eval and (done % config.eval_every == 0 or done == config.steps):
             metrics.update(self.evaluate())
         return metrics
 
     def errors(self, model: NextStepModel, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(l(y_w) [N], l(y_l) [N]) of `model`."""
         return pair_errors(model, self.bundle.tokenizer, self.bundle.ids, batch, self.pairs.image_size,
-                           self.cfg.max_prompt_tokens)  # fmt: skip
+                           self.config.max_prompt_tokens)  # fmt: skip
 
     def loss_fn(self, model: NextStepModel, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
         err_w, err_l = self.errors(model, batch)
         with self.learner.reference() as ref:
             ref_w, ref_l = self.errors(ref, batch)
-        out = diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, self.cfg.beta, self.cfg.chosen_fm_weight)
+        out = diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, self.config.beta, self.config.chosen_fm_weight)
         return out.loss, dpo_metrics(out, "dpo")
 
     def evaluate(self) -> dict[str, float]:
@@ -231,8 +232,8 @@ class DpoTrainer(Trainer):
         learner.model.train()
         if not errs:  # a rank without held-out pairs still joins the all-reduce, with weight 0
             return learner.mean_over_ranks({f"dpo_eval/{name}": 0.0 for name in DPO_METRICS}, weight=0.0)
-        out = diffusion_dpo_loss(*(torch.cat([e[k] for e in errs]) for k in range(4)), self.cfg.beta,
-                                 self.cfg.chosen_fm_weight)  # fmt: skip
+        out = diffusion_dpo_loss(*(torch.cat([e[k] for e in errs]) for k in range(4)), self.config.beta,
+                                 self.config.chosen_fm_weight)  # fmt: skip
         return learner.mean_over_ranks(dpo_metrics(out, "dpo_eval"), weight=float(len(self.my_eval)))
 
     def postfix(self, metrics: dict[str, float]) -> dict[str, str]:
@@ -240,9 +241,9 @@ class DpoTrainer(Trainer):
                 "acc": f"{metrics.get('dpo/implicit_accuracy', float('nan')):.2f}"}  # fmt: skip
 
 
-def run_dpo(cfg: DpoConfig) -> Path:
+def run_dpo(config: DpoConfig) -> Path:
     """The DPO job (every rank runs it). Returns the run directory."""
-    return DpoTrainer(cfg).run()
+    return DpoTrainer(config).run()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -251,8 +252,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(DpoConfig, args.config, args.overrides)
-    out = run_dpo(cfg)
+    config = load_config(DpoConfig, args.config, args.overrides)
+    out = run_dpo(config)
     if rank() == 0:
         print(f"dpo: done; checkpoints in {out}")
     return 0

@@ -49,12 +49,12 @@ class EvaluateConfig(EvalSettings):
             )
 
 
-def resolve_checkpoints(cfg: EvaluateConfig) -> list[tuple[str, str]]:
+def resolve_checkpoints(config: EvaluateConfig) -> list[tuple[str, str]]:
     """(name, spec) pairs from the config, names unique, every directory checked before anything runs."""
-    pairs = [tuple(c.split("=", 1)) if "=" in c else (checkpoint_name(c), c) for c in cfg.checkpoints]
+    pairs = [tuple(c.split("=", 1)) if "=" in c else (checkpoint_name(c), c) for c in config.checkpoints]
     pairs = [(name, model_dir_of(spec)) for name, spec in pairs]  # run dirs -> latest, `selected` files
-    if cfg.run_dir:
-        pairs += run_checkpoints(cfg.run_dir)
+    if config.run_dir:
+        pairs += run_checkpoints(config.run_dir)
     names = [n for n, _ in pairs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -67,8 +67,8 @@ def resolve_checkpoints(cfg: EvaluateConfig) -> list[tuple[str, str]]:
     return pairs
 
 
-def run_evaluate(cfg: EvaluateConfig) -> Path:
-    return evaluate_checkpoints(cfg, cfg.out_dir, resolve_checkpoints(cfg))
+def run_evaluate(config: EvaluateConfig) -> Path:
+    return evaluate_checkpoints(config, config.out_dir, resolve_checkpoints(config))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(EvaluateConfig, args.config, args.overrides)
-    out = run_evaluate(cfg)
+    config = load_config(EvaluateConfig, args.config, args.overrides)
+    out = run_evaluate(config)
     print(f"evaluate: scores in {out / SCORES_DIR}")
     return 0

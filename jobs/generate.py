@@ -23,7 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", required=True, help="caption; repeat for several")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg", type=float, default=7.5, help="CFG scale on the head velocity")
+    p.add_argument(
+        "--cfg-scale", "--cfg", type=float, default=7.5, help="classifier-free guidance scale on the head velocity"
+    )
     p.add_argument("--steps", type=int, default=50, help="flow-head steps per token")
     p.add_argument("--shift", type=float, default=1.0, help="timestep shift")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default 64 tiny, 512 else)")
@@ -47,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     size = args.size or (64 if args.checkpoint in RANDOM_PRESETS else 512)
     sampling = SamplingConfig(
-        image_size=size, cfg_scale=args.cfg, num_head_steps=args.steps, timestep_shift=args.shift,
+        image_size=size, cfg_scale=args.cfg_scale, num_head_steps=args.steps, timestep_shift=args.shift,
         sde_kind=args.sde, use_norm=not args.no_norm, negative_prompt=args.negative_prompt,
         max_prompt_tokens=args.max_prompt_tokens, time_grid=args.time_grid, noise=args.noise,
     )  # fmt: skip

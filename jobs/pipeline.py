@@ -113,16 +113,16 @@ class PipelineConfig:
         return [*stage.overrides, *self.stage_overrides.get(stage.name, [])]
 
 
-def check_stage_configs(cfg: PipelineConfig) -> dict[str, object]:
+def check_stage_configs(config: PipelineConfig) -> dict[str, object]:
     """Load and validate every stage's config now, so a typo in the last stage fails before the first runs.
     Returns stage name -> its loaded config."""
-    if cfg.world.config:
-        load_config(WorldConfig, cfg.world.config)
+    if config.world.config:
+        load_config(WorldConfig, config.world.config)
     loaded = {}
-    for stage in cfg.stages:
+    for stage in config.stages:
         try:
             schema = getattr(importlib.import_module(SUBCOMMANDS[stage.job][0]), JOB_CONFIGS[stage.job])
-            loaded[stage.name] = load_config(schema, stage.config, cfg.overrides_of(stage))
+            loaded[stage.name] = load_config(schema, stage.config, config.overrides_of(stage))
         except ConfigError as e:
             raise ConfigError(f"stage '{stage.name}' ({stage.job}): {e}") from None
     return loaded
@@ -178,24 +178,24 @@ def run_stage(name: str, argv: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
-def comparison_table(cfg: ReportConfig) -> tuple[str, list[dict]]:
+def comparison_table(config: ReportConfig) -> tuple[str, list[dict]]:
     """Markdown table of every checkpoint vs the baseline, CIs by resampling prompts (seeds stay paired)."""
-    res = read_eval(cfg.eval_dir)
-    baseline = cfg.baseline or res.checkpoints[0]
+    res = read_eval(config.eval_dir)
+    baseline = config.baseline or res.checkpoints[0]
     if baseline not in res.checkpoints:
-        raise UserError(f"report.baseline: {baseline!r} is not in {cfg.eval_dir} ({', '.join(res.checkpoints)})")
-    rewards = cfg.rewards or [r for r in res.rewards if r != "composite"]
+        raise UserError(f"report.baseline: {baseline!r} is not in {config.eval_dir} ({', '.join(res.checkpoints)})")
+    rewards = config.rewards or [r for r in res.rewards if r != "composite"]
     base = res.checkpoints.index(baseline)
     rows = []
     for c, name in enumerate(res.checkpoints):
         row: dict = {"checkpoint": name}
         for r in rewards:
             if r not in res.scores:
-                raise UserError(f"report.rewards: {r!r} was not scored in {cfg.eval_dir}")
+                raise UserError(f"report.rewards: {r!r} was not scored in {config.eval_dir}")
             s = res.scores[r]  # [C, N]
             row[r] = float(s[c].mean())
             if c != base:
-                row[f"{r}_delta"] = per_prompt_delta_ci(s[c], s[base], res.prompt_ids, cfg.num_resamples)
+                row[f"{r}_delta"] = per_prompt_delta_ci(s[c], s[base], res.prompt_ids, config.num_resamples)
         rows.append(row)
     n_prompts = len(set(res.prompt_ids))
     head = ["checkpoint"] + [f"{r} (mean)" for r in rewards] + [f"{r} vs {baseline} [95% CI]" for r in rewards]
@@ -205,7 +205,7 @@ def comparison_table(cfg: ReportConfig) -> tuple[str, list[dict]]:
         cells.append([row["checkpoint"], *(f"{row[r]:.3f}" for r in rewards), *deltas])
     note = (f"\n{len(res.prompt_ids)} images per checkpoint: {n_prompts} held-out prompts x "
             f"{len(res.prompt_ids) // max(n_prompts, 1)} seeds, the same seeds for every checkpoint; CIs: "
-            f"paired bootstrap over prompts ({cfg.num_resamples} resamples).")  # fmt: skip
+            f"paired bootstrap over prompts ({config.num_resamples} resamples).")  # fmt: skip
     return markdown_table(head, cells) + "\n" + note + "\n", rows
 
 
@@ -214,23 +214,25 @@ def format_delta(delta: tuple[float, float, float] | None) -> str:
     return "(baseline)" if delta is None else f"{delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]"
 
 
-def run_pipeline(cfg: PipelineConfig) -> Path:
-    loaded = check_stage_configs(cfg)
-    out = Path(cfg.out_dir)
+def run_pipeline(config: PipelineConfig) -> Path:
+    loaded = check_stage_configs(config)
+    out = Path(config.out_dir)
     # its own lock file: a stage (another process) may use out_dir itself as its directory
     with lock_dir(out, "pipeline", lock_name=PIPELINE_LOCK):
         ledger = Ledger(out)
         # (name, nsalign argv, key: None = always rerun, as the dashboard must to see what the stages wrote)
         stages: list[tuple[str, list[str], str | None]] = []
-        if cfg.world.config:
-            argv = ["shapes-world", cfg.world.config, "--out", cfg.world.out, "--data-only"]
-            stages.append(("world", argv, stage_key(argv, cfg.world.config)))
-        for s in cfg.stages:
-            argv = [s.job, s.config, *cfg.overrides_of(s)]
+        if config.world.config:
+            argv = ["shapes-world", config.world.config, "--out", config.world.out, "--data-only"]
+            stages.append(("world", argv, stage_key(argv, config.world.config)))
+        for s in config.stages:
+            argv = [s.job, s.config, *config.overrides_of(s)]
             stages.append((s.name, argv, stage_key(argv, s.config)))
-        if cfg.dashboard.out:
-            extra = ["--baseline", cfg.dashboard.baseline] if cfg.dashboard.baseline else []
-            stages.append(("dashboard", ["dashboard", *cfg.dashboard.inputs, "--out", cfg.dashboard.out, *extra], None))
+        if config.dashboard.out:
+            extra = ["--baseline", config.dashboard.baseline] if config.dashboard.baseline else []
+            stages.append(
+                ("dashboard", ["dashboard", *config.dashboard.inputs, "--out", config.dashboard.out, *extra], None)
+            )
         stages = chain_keys(stages)
         stale = [name for name, _, key in stages if ledger.stale(name, key)]
         if stale:
@@ -244,18 +246,18 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
             if ledger.done(name, key):
                 print(f"pipeline: stage {name}: done earlier, skipped", flush=True)
                 continue
-            ledger.record(name, key, run_stage(name, argv, cfg.env))
+            ledger.record(name, key, run_stage(name, argv, config.env))
         print("\npipeline: wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in ledger.wall_times().items()))
-        if cfg.report.eval_dir:
-            table, _ = comparison_table(cfg.report)
-            report = Path(cfg.report.out or out / "report.md")
+        if config.report.eval_dir:
+            table, _ = comparison_table(config.report)
+            report = Path(config.report.out or out / "report.md")
             report.write_text(table, encoding="utf-8")
             print("\n" + table + f"(also in {report})")
-        for stage in cfg.stages:
+        for stage in config.stages:
             if stage.job == "select":
                 print(f"pipeline: selection report ({stage.name}): {Path(loaded[stage.name].run_dir) / 'selection.md'}")
-        if cfg.dashboard.out:
-            print(f"pipeline: dashboard: {Path(cfg.dashboard.out) / 'index.html'} (open it in a browser; "
+        if config.dashboard.out:
+            print(f"pipeline: dashboard: {Path(config.dashboard.out) / 'index.html'} (open it in a browser; "
                   f"`nsalign dashboard ... --serve` serves it on 127.0.0.1)")  # fmt: skip
     return out
 
@@ -266,8 +268,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(PipelineConfig, args.config, args.overrides)
-    names = (["world"] if cfg.world.config else []) + [s.name for s in cfg.stages]
-    print(f"pipeline: {' -> '.join(names)}{' -> dashboard' if cfg.dashboard.out else ''}", flush=True)
-    run_pipeline(cfg)
+    config = load_config(PipelineConfig, args.config, args.overrides)
+    names = (["world"] if config.world.config else []) + [s.name for s in config.stages]
+    print(f"pipeline: {' -> '.join(names)}{' -> dashboard' if config.dashboard.out else ''}", flush=True)
+    run_pipeline(config)
     return 0

@@ -49,11 +49,13 @@ def read_rewards_config(path: str, overrides: list[str], section: str | None) ->
 
 def check_reward(spec: RewardSpec, load: bool, device: str) -> str | None:
     """Print one reward's status; return a one-line problem description, or None if it is ready."""
-    cfg = spec.family_config(spec.name)
-    note = "  RANDOM WEIGHTS (init: random; tests and benchmarks only)" if getattr(cfg, "init", "") == "random" else ""
+    config = spec.family_config(spec.name)
+    note = (
+        "  RANDOM WEIGHTS (init: random; tests and benchmarks only)" if getattr(config, "init", "") == "random" else ""
+    )
     print(f"  {spec.name}  [type {spec.type}, weight {spec.weight}]{note}")
     missing: list[RequiredFile] = []
-    for f in cfg.files():
+    for f in config.files():
         present = Path(f.path).is_file()
         print(f"    {'ok     ' if present else 'MISSING'}  {label(f)}  {f.path}  <- {f.source}")
         missing += [] if present else [f]
@@ -66,7 +68,7 @@ def check_reward(spec: RewardSpec, load: bool, device: str) -> str | None:
         except UserError as e:
             print(f"    LOAD FAILED: {e}")
             return str(e)
-        checked = ", files read and every key and shape checked" if cfg.files() and not note else ""
+        checked = ", files read and every key and shape checked" if config.files() and not note else ""
         print(f"    built in {time.perf_counter() - t0:.1f} s{checked}")
     return None
 

@@ -99,9 +99,9 @@ def find_ema(run: Path) -> str | None:
     return str(found[-1]) if found else None
 
 
-def base_spec(cfg: SelectConfig, run: Path) -> str:
-    if cfg.base_model:
-        return cfg.base_model
+def base_spec(config: SelectConfig, run: Path) -> str:
+    if config.base_model:
+        return config.base_model
 
     model = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("model") if (
         run / "config.yaml").is_file() else None  # fmt: skip
@@ -121,9 +121,9 @@ def soup_weights(dirs: list[str], out: Path) -> None:
     save_checkpoint(bundle, out)
 
 
-def greedy_soup(cfg: SelectConfig, out: Path, steps: list[tuple[str, str]], primary_mean) -> dict:
+def greedy_soup(config: SelectConfig, out: Path, steps: list[tuple[str, str]], primary_mean) -> dict:
     """Greedy soup over the top-k steps; returns {'candidate': (name, dir) or None, 'trials': [...]}."""
-    top = sorted(steps, key=lambda c: -primary_mean(c[0]))[: cfg.soup.top_k]
+    top = sorted(steps, key=lambda c: -primary_mean(c[0]))[: config.soup.top_k]
     kept, best, trials = [top[0]], primary_mean(top[0][0]), []
     for name, spec in top[1:]:
         trial = kept + [(name, spec)]
@@ -131,7 +131,7 @@ def greedy_soup(cfg: SelectConfig, out: Path, steps: list[tuple[str, str]], prim
         soup_dir = out / soup_name / "model"
         if not (soup_dir / "config.json").is_file():
             soup_weights([s for _, s in trial], soup_dir)
-        evaluate_checkpoints(cfg.eval, out / "eval", [(soup_name, str(soup_dir))])
+        evaluate_checkpoints(config.eval, out / "eval", [(soup_name, str(soup_dir))])
         mean = primary_mean(soup_name)
         accepted = mean >= best
         trials.append({"name": soup_name, "ingredients": [n for n, _ in trial], "primary_mean": mean,
@@ -144,20 +144,20 @@ def greedy_soup(cfg: SelectConfig, out: Path, steps: list[tuple[str, str]], prim
     return {"candidate": (name, str(out / name / "model")), "trials": trials}
 
 
-def heldout_fm_loss(cfg: HeldoutConfig, spec: str, device: str) -> float:
+def heldout_fm_loss(config: HeldoutConfig, spec: str, device: str) -> float:
     """Mean flow-matching loss of a candidate on the held-out pairs (fixed t and noise draws)."""
-    data = SftDataConfig(cfg.path, cfg.caption_field, cfg.image_field, cfg.image_size)
+    data = SftDataConfig(config.path, config.caption_field, config.image_field, config.image_size)
     captions, images = load_pairs(data)
-    captions, images = captions[: cfg.max_pairs], images[: cfg.max_pairs]
+    captions, images = captions[: config.max_pairs], images[: config.max_pairs]
     bundle = resolve_model(spec, device=device)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    losses, size = [], (cfg.image_size, cfg.image_size)
+    gen = torch.Generator().manual_seed(config.seed)
+    losses, size = [], (config.image_size, config.image_size)
     with torch.no_grad():
-        for s in range(0, len(captions), cfg.micro_batch_samples):
-            chunk = images[s : s + cfg.micro_batch_samples].to(device).float() / 127.5 - 1  # [b, 3, S, S]
+        for s in range(0, len(captions), config.micro_batch_samples):
+            chunk = images[s : s + config.micro_batch_samples].to(device).float() / 127.5 - 1  # [b, 3, S, S]
             tokens = bundle.vae.encode(chunk)  # [b, T, 64]
             batch = build_prompt_batch(bundle.tokenizer, bundle.ids, captions[s : s + len(chunk)], size, False,
-                                       max_prompt_tokens=cfg.max_prompt_tokens)  # fmt: skip
+                                       max_prompt_tokens=config.max_prompt_tokens)  # fmt: skip
             out = sft_loss(bundle.model, batch, bundle.ids, tokens, generator=gen)
             losses.append(float(out.flow_matching) * len(chunk))
     return sum(losses) / len(captions)
@@ -176,25 +176,25 @@ def guard_checks(fig: dict, base: dict, g: GuardsConfig) -> list[str]:
     return failed
 
 
-def candidate_figures(cfg: SelectConfig, results, specs: dict[str, str]) -> dict[str, dict]:
+def candidate_figures(config: SelectConfig, results, specs: dict[str, str]) -> dict[str, dict]:
     """Every candidate's reward means, CIs, gain over base, win rate and guard figures."""
-    boot = dict(num_resamples=cfg.num_resamples, seed=cfg.bootstrap_seed)
+    boot = dict(num_resamples=config.num_resamples, seed=config.bootstrap_seed)
     base_row = results.checkpoints.index("base")
     figures = {}
     for c, name in enumerate(results.checkpoints):
-        primary = results.scores[cfg.primary][c]  # [N]
+        primary = results.scores[config.primary][c]  # [N]
         mean, low, high = mean_ci(primary, **boot)
-        delta, dlow, dhigh = paired_delta_ci(primary, results.scores[cfg.primary][base_row], **boot)
-        fm = heldout_fm_loss(cfg.heldout, specs[name], cfg.eval.rollout.device) if cfg.heldout.path else None
+        delta, dlow, dhigh = paired_delta_ci(primary, results.scores[config.primary][base_row], **boot)
+        fm = heldout_fm_loss(config.heldout, specs[name], config.eval.rollout.device) if config.heldout.path else None
         figures[name] = {
             "path": specs[name], "primary_mean": mean, "primary_ci": [low, high],
             "delta_vs_base": delta, "delta_ci": [dlow, dhigh],
-            "win_rate_vs_base": win_rate(primary, results.scores[cfg.primary][base_row]),
+            "win_rate_vs_base": win_rate(primary, results.scores[config.primary][base_row]),
             "rewards": {r: float(results.scores[r][c].mean()) for r in results.rewards},
             "fm_loss": fm, "diversity": within_prompt_diversity(prompt_groups(results, c)),
         }  # fmt: skip
     for fig in figures.values():
-        fig["failed_guards"] = guard_checks(fig, figures["base"], cfg.guards)
+        fig["failed_guards"] = guard_checks(fig, figures["base"], config.guards)
     return figures
 
 
@@ -205,30 +205,30 @@ def choose(figures: dict[str, dict]) -> tuple[str, list[str]]:
     return (passing[0] if passing else "base"), ranking
 
 
-def run_select(cfg: SelectConfig) -> Path:
+def run_select(config: SelectConfig) -> Path:
     """The job. Returns the run directory."""
-    run = Path(cfg.run_dir)
+    run = Path(config.run_dir)
     steps = run_checkpoints(run)
     with lock_dir(run, "select"):  # the run gets selection.*, `selected` and select/: one writer at a time
         out = run / "select"
         for soup in out.glob("soup-*"):  # what a killed soup write left
             remove_partial_writes(soup)
-        candidates = [("base", base_spec(cfg, run))] + steps
-        ema = find_ema(run) if cfg.ema else None
+        candidates = [("base", base_spec(config, run))] + steps
+        ema = find_ema(run) if config.ema else None
         notes = []
         if ema:
             candidates.append(("ema", ema))
-        elif cfg.ema:
+        elif config.ema:
             notes.append("The run saved no EMA weights (looked for ema/ and step_*/ema/): no EMA candidate.")
         print(f"select: {len(candidates)} candidates ({', '.join(n for n, _ in candidates)}) of {run}")
-        evaluate_checkpoints(cfg.eval, out / "eval", candidates)
+        evaluate_checkpoints(config.eval, out / "eval", candidates)
 
         def primary_mean(name: str) -> float:
-            return float(read_eval(out / "eval", [name]).scores[cfg.primary][0].mean())
+            return float(read_eval(out / "eval", [name]).scores[config.primary][0].mean())
 
         soup = {"candidate": None, "trials": []}
-        if cfg.soup.enabled and len(steps) >= 2:
-            soup = greedy_soup(cfg, out, steps, primary_mean)
+        if config.soup.enabled and len(steps) >= 2:
+            soup = greedy_soup(config, out, steps, primary_mean)
             if soup["candidate"]:
                 candidates.append(soup["candidate"])
             else:
@@ -239,14 +239,14 @@ def run_select(cfg: SelectConfig) -> Path:
         results = read_eval(out / "eval", list(specs))
         if not results.complete:
             raise UserError(f"{out / 'eval'}: candidates were scored on different rows; delete it and re-run")
-        figures = candidate_figures(cfg, results, specs)
+        figures = candidate_figures(config, results, specs)
         chosen, ranking = choose(figures)
-        if not cfg.heldout.path:
+        if not config.heldout.path:
             notes.append("heldout.path is empty: the held-out flow-matching loss guard was not measured.")
         report = {
-            "run_dir": str(run), "primary": cfg.primary, "chosen": chosen, "chosen_path": specs[chosen],
+            "run_dir": str(run), "primary": config.primary, "chosen": chosen, "chosen_path": specs[chosen],
             "ranking": ranking, "candidates": figures, "soup": soup["trials"], "notes": notes,
-            "guards": {k: getattr(cfg.guards, k)
+            "guards": {k: getattr(config.guards, k)
                        for k in ("max_fm_loss_increase", "max_diversity_drop", "min_win_rate")},
             "num_rows": len(results.prompt_ids), "eval_dir": str(out / "eval"),
         }  # fmt: skip
@@ -316,6 +316,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(SelectConfig, args.config, args.overrides)
-    run_select(cfg)
+    config = load_config(SelectConfig, args.config, args.overrides)
+    run_select(config)
     return 0

@@ -106,59 +106,61 @@ class SftTrainer(Trainer):
 
     job = "sft"
 
-    def __init__(self, cfg: SftConfig):
-        super().__init__(cfg)
-        self.cfg: SftConfig = cfg
-        self.ema: dict[str, torch.Tensor] | None = None  # fp32 on the CPU when cfg.ema_decay is set
+    def __init__(self, config: SftConfig):
+        super().__init__(config)
+        self.config: SftConfig = config
+        self.ema: dict[str, torch.Tensor] | None = None  # fp32 on the CPU when config.ema_decay is set
 
     def setup(self) -> None:
-        cfg = self.cfg
+        config = self.config
         refuse_several_ranks(int(os.environ.get("WORLD_SIZE", "1")))
-        self.captions, images = load_pairs(cfg.data)  # captions [N], images uint8 [N, 3, S, S]
-        torch.manual_seed(cfg.seed)
-        self.bundle = resolve_model(cfg.model, seed=cfg.seed)
+        self.captions, images = load_pairs(config.data)  # captions [N], images uint8 [N, 3, S, S]
+        torch.manual_seed(config.seed)
+        self.bundle = resolve_model(config.model, seed=config.seed)
         if note := truncation_note("sft", "max_prompt_tokens", self.bundle.tokenizer, self.captions,
-                                   cfg.max_prompt_tokens):  # fmt: skip
+                                   config.max_prompt_tokens):  # fmt: skip
             print(note)
         with torch.no_grad():  # the VAE is frozen: encode the data once
             self.tokens = torch.cat(
                 [self.bundle.vae.encode(images[s : s + 64].float() / 127.5 - 1) for s in range(0, len(images), 64)]
             )  # [N, T, 64]
-        self.learner = Learner(self.bundle.model.train(), cfg.learner)
+        self.learner = Learner(self.bundle.model.train(), config.learner)
 
     def describe(self) -> str:
-        cfg = self.cfg
-        sizes = f"{cfg.samples_per_step} samples/step ({cfg.micro_batches_per_step} x {cfg.micro_batch_samples})"
-        return f"sft: {len(self.captions)} pairs, {sizes}, {cfg.steps} steps -> {self.run_dir}"
+        config = self.config
+        sizes = (
+            f"{config.samples_per_step} samples/step ({config.micro_batches_per_step} x {config.micro_batch_samples})"
+        )
+        return f"sft: {len(self.captions)} pairs, {sizes}, {config.steps} steps -> {self.run_dir}"
 
     def opened(self, resumed_from: Path | None) -> None:
-        if self.cfg.ema_decay is None:
+        if self.config.ema_decay is None:
             return
         # fp32 on the CPU; saved in fp32 unless bf16, so a resume continues it exactly
         start = self.learner.policy_weights()
         self.ema = start if resumed_from is None else {**start, **read_state_dict(resumed_from / "ema", torch.float32)}
 
     def step(self) -> dict[str, float] | None:
-        cfg, state = self.cfg, self.state
-        order = sample_order(len(self.captions), cfg.seed, state.consumed_prompts, cfg.samples_per_step)
-        drops = dropped_captions(cfg.seed, state.consumed_prompts, cfg.samples_per_step, cfg.caption_dropout)
+        config, state = self.config, self.state
+        order = sample_order(len(self.captions), config.seed, state.consumed_prompts, config.samples_per_step)
+        drops = dropped_captions(config.seed, state.consumed_prompts, config.samples_per_step, config.caption_dropout)
         items = list(zip(order, drops))
-        micro = [items[i : i + cfg.micro_batch_samples] for i in range(0, len(items), cfg.micro_batch_samples)]
+        micro = [items[i : i + config.micro_batch_samples] for i in range(0, len(items), config.micro_batch_samples)]
         result = self.learner.step(micro, self.loss_fn)
-        state.consumed_prompts += cfg.samples_per_step  # a skipped attempt passes its samples over
+        state.consumed_prompts += config.samples_per_step  # a skipped attempt passes its samples over
         if not result.updated:
             return None
         if self.ema is not None:
-            ema_update(self.ema, self.learner.policy_weights(), cfg.ema_decay)
+            ema_update(self.ema, self.learner.policy_weights(), config.ema_decay)
         return result.metrics
 
     def loss_fn(self, model: NextStepModel, items: list[tuple[int, bool]]) -> tuple[torch.Tensor, dict[str, float]]:
         """items: (sample index, caption dropped) of one micro batch."""
         idx = [i for i, _ in items]
         texts = ["" if drop else self.captions[i] for i, drop in items]  # "": the unconditional caption of CFG
-        size = (self.cfg.data.image_size,) * 2
+        size = (self.config.data.image_size,) * 2
         batch = build_prompt_batch(self.bundle.tokenizer, self.bundle.ids, texts, size, False,
-                                   max_prompt_tokens=self.cfg.max_prompt_tokens)  # fmt: skip
+                                   max_prompt_tokens=self.config.max_prompt_tokens)  # fmt: skip
         out = sft_loss(model, batch, self.bundle.ids, self.tokens[idx])
         return out.loss, {"sft/text_ce": float(out.text_ce), "sft/flow_matching": float(out.flow_matching)}
 
@@ -167,9 +169,9 @@ class SftTrainer(Trainer):
             save_published(self.bundle, self.ema, step_dir / "ema", self.checkpoint_dtype)
 
 
-def run_sft(cfg: SftConfig) -> Path:
+def run_sft(config: SftConfig) -> Path:
     """The SFT job. Returns the run directory."""
-    return SftTrainer(cfg).run()
+    return SftTrainer(config).run()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -178,7 +180,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(SftConfig, args.config, args.overrides)
-    out = run_sft(cfg)
+    config = load_config(SftConfig, args.config, args.overrides)
+    out = run_sft(config)
     print(f"sft: done; checkpoints in {out}")
     return 0

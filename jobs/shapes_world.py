@@ -43,33 +43,33 @@ from shapes.train_vae import train_vae
 from shapes.world import WorldConfig, WorldEvalConfig, rewards_config, world_images, write_data
 
 
-def init_model(cfg: WorldConfig, vae_dir: Path, out: Path) -> Path:
-    """Random NextStep of cfg.model sizes + the trained VAE, saved in the published layout."""
-    bundle = build_random("tiny", seed=cfg.seed, overrides=to_dict(cfg.model))
+def init_model(config: WorldConfig, vae_dir: Path, out: Path) -> Path:
+    """Random NextStep of config.model sizes + the trained VAE, saved in the published layout."""
+    bundle = build_random("tiny", seed=config.seed, overrides=to_dict(config.model))
     bundle.vae = load_vae(vae_dir)
     return save_checkpoint(bundle, out)
 
 
-def pretrain(cfg: WorldConfig, init_dir: Path, data: Path, out: Path) -> Path:
+def pretrain(config: WorldConfig, init_dir: Path, data: Path, out: Path) -> Path:
     """`nsalign sft` on the noisy pre-training split, in a process of its own (as a pipeline stage runs);
     returns the last checkpoint's model directory."""
-    overrides = [f"model={init_dir}", f"data.path={data}", f"runs_root={out}", *cfg.pretrain_overrides]
-    raw = yaml.safe_load(Path(cfg.pretrain_config).read_text()) or {}
+    overrides = [f"model={init_dir}", f"data.path={data}", f"runs_root={out}", *config.pretrain_overrides]
+    raw = yaml.safe_load(Path(config.pretrain_config).read_text()) or {}
     for item in overrides:
         apply_override(raw, item)
-    argv = [sys.executable, "-m", "jobs.cli", "sft", cfg.pretrain_config, *overrides]
+    argv = [sys.executable, "-m", "jobs.cli", "sft", config.pretrain_config, *overrides]
     if subprocess.call(argv) != 0:
         raise UserError(f"shapes-world: the pre-training run ({' '.join(argv[2:])}) failed; its error is above")
     return latest_checkpoint(out / raw.get("run_name", "sft")) / "model"
 
 
-def evaluate(cfg: WorldEvalConfig, model_dir: Path, prompts_file: Path, metadata: Path, out: Path) -> dict:
+def evaluate(config: WorldEvalConfig, model_dir: Path, prompts_file: Path, metadata: Path, out: Path) -> dict:
     """Held-out strict / partial scores of a checkpoint (eval prompts x seeds) and a sample grid PNG."""
     bundle = load_checkpoint(model_dir)
     prompts = [p.text for p in load_prompts(prompts_file)]
-    sampling = SamplingConfig(image_size=64, cfg_scale=cfg.cfg_scale, num_head_steps=cfg.num_head_steps)
-    rows = [(p, s) for p in prompts for s in range(cfg.seeds_per_prompt)]
-    images = generate_images(bundle, [p for p, _ in rows], [s for _, s in rows], sampling, cfg.batch_size)
+    sampling = SamplingConfig(image_size=64, cfg_scale=config.cfg_scale, num_head_steps=config.num_head_steps)
+    rows = [(p, s) for p in prompts for s in range(config.seeds_per_prompt)]
+    images = generate_images(bundle, [p for p, _ in rows], [s for _, s in rows], sampling, config.batch_size)
     reward = build_reward(from_dict(RewardsConfig, rewards_config(metadata)).rewards[0])
     scores = reward(images, [p for p, _ in rows])
     strict, partial = scores.components["strict"], scores.components["partial"]
@@ -78,11 +78,11 @@ def evaluate(cfg: WorldEvalConfig, model_dir: Path, prompts_file: Path, metadata
         "partial": float(partial.mean()), "per_prompt_strict": {},
     }  # fmt: skip
     for (p, _), s in zip(rows, strict.tolist()):
-        result["per_prompt_strict"][p] = result["per_prompt_strict"].get(p, 0.0) + s / cfg.seeds_per_prompt
-    grid_rows = [(p, s) for p in prompts[: cfg.grid_prompts] for s in range(4)]
-    grid = generate_images(bundle, [p for p, _ in grid_rows], [s for _, s in grid_rows], sampling, cfg.batch_size)
+        result["per_prompt_strict"][p] = result["per_prompt_strict"].get(p, 0.0) + s / config.seeds_per_prompt
+    grid_rows = [(p, s) for p in prompts[: config.grid_prompts] for s in range(4)]
+    grid = generate_images(bundle, [p for p, _ in grid_rows], [s for _, s in grid_rows], sampling, config.batch_size)
     Image.fromarray(make_grid(grid, ncols=4)).save(out.with_suffix(".png"))
-    out.with_suffix(".txt").write_text("".join(p + "\n" for p in prompts[: cfg.grid_prompts]), encoding="utf-8")
+    out.with_suffix(".txt").write_text("".join(p + "\n" for p in prompts[: config.grid_prompts]), encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -108,24 +108,24 @@ class Stopwatch:
         return result
 
 
-def build_world(cfg: WorldConfig, out: str | Path, skip_eval: bool = False, data_only: bool = False) -> dict:
+def build_world(config: WorldConfig, out: str | Path, skip_eval: bool = False, data_only: bool = False) -> dict:
     """Every stage in order (or only the data files); returns the build summary (also OUT/build.json)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "world.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    (out / "world.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
     clock = Stopwatch()
-    files = clock.run("data", write_data, cfg.data, out / "data")
+    files = clock.run("data", write_data, config.data, out / "data")
     (out / "rewards.yaml").write_text(yaml.safe_dump(rewards_config(files["metadata"])), encoding="utf-8")
     if data_only:
         return {"stages": clock.stages}
-    vae, losses = clock.run("vae", train_vae, cfg.vae, world_images(cfg.data))
+    vae, losses = clock.run("vae", train_vae, config.vae, world_images(config.data))
     save_vae(vae, out / "vae")
-    init_dir = clock.run("init", init_model, cfg, out / "vae", out / "init")
-    last = clock.run("pretrain", pretrain, cfg, init_dir, files["pretrain"], out / "runs")
+    init_dir = clock.run("init", init_model, config, out / "vae", out / "init")
+    last = clock.run("pretrain", pretrain, config, init_dir, files["pretrain"], out / "runs")
     shutil.copytree(last, out / "pretrained", dirs_exist_ok=True)
     summary = {"stages": clock.stages, "vae_recon_first_last": [losses[0], losses[-1]]}
     if not skip_eval:
-        result = clock.run("eval", evaluate, cfg.eval, out / "pretrained", files["eval"], files["metadata"],
+        result = clock.run("eval", evaluate, config.eval, out / "pretrained", files["eval"], files["metadata"],
                            out / "samples_pretrained")  # fmt: skip
         summary["pretrained_heldout"] = {k: result[k] for k in ("strict", "partial", "num_images")}
     summary["total_wall_s"] = round(sum(s["wall_s"] for s in clock.stages.values()), 1)
@@ -142,8 +142,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(WorldConfig, args.config, args.overrides)
-    summary = build_world(cfg, args.out, skip_eval=args.skip_eval, data_only=args.data_only)
+    config = load_config(WorldConfig, args.config, args.overrides)
+    summary = build_world(config, args.out, skip_eval=args.skip_eval, data_only=args.data_only)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -78,15 +78,15 @@ class AestheticModel(torch.nn.Module):
         return self.mlp(torch.nn.functional.normalize(emb, dim=-1)).squeeze(-1)
 
 
-def build_model(cfg: Config) -> AestheticModel:
+def build_model(config: Config) -> AestheticModel:
     """The CLIP tower + MLP with published weights (init: checkpoint) or seeded random ones."""
-    if cfg.init == "random":
+    if config.init == "random":
         with seeded_init():
-            config = CLIPVisionConfig(**(FULL_VISION if cfg.size == "full" else TINY_VISION))
-            return AestheticModel(CLIPVisionModelWithProjection(config))
-    mlp_path = require_file(cfg.mlp_checkpoint, "aesthetic MLP", MLP_SOURCE)
+            vision_config = CLIPVisionConfig(**(FULL_VISION if config.size == "full" else TINY_VISION))
+            return AestheticModel(CLIPVisionModelWithProjection(vision_config))
+    mlp_path = require_file(config.mlp_checkpoint, "aesthetic MLP", MLP_SOURCE)
     ignore = ("text_model.", "text_projection.", "logit_scale")  # the CLIP directory holds both towers
-    vision = load_hf_pretrained(CLIPVisionModelWithProjection, cfg.clip_dir, "CLIP ViT-L/14", CLIP_SOURCE, ignore)
+    vision = load_hf_pretrained(CLIPVisionModelWithProjection, config.clip_dir, "CLIP ViT-L/14", CLIP_SOURCE, ignore)
     model = AestheticModel(vision)
     load_exact(model.mlp, read_state_dict(mlp_path, "aesthetic MLP"), str(mlp_path))
     return model
@@ -109,10 +109,10 @@ class Aesthetic:
         return RewardOutput(scores=self.model(pixels.to(self.device, self.dtype)).float().cpu())
 
 
-def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> Aesthetic:
+def build(config: Config, device: torch.device, dtype: torch.dtype) -> Aesthetic:
     """The aesthetic reward on `device` in `dtype`."""
-    model = build_model(cfg)
-    return Aesthetic(finish_model(model, device, dtype), load_image_processor(cfg.clip_dir, model))
+    model = build_model(config)
+    return Aesthetic(finish_model(model, device, dtype), load_image_processor(config.clip_dir, model))
 
 
 def load_image_processor(clip_dir: str | None, model: AestheticModel) -> CLIPImageProcessor:

@@ -192,12 +192,12 @@ class ClipScore:
         return RewardOutput(scores=scores, components={"cosine": cos})
 
 
-def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> ClipScore:
+def build(config: Config, device: torch.device, dtype: torch.dtype) -> ClipScore:
     """The CLIPScore reward on `device` in `dtype`."""
-    tokenizer = open_clip_tokenizer(cfg.model_name, cfg.size)
-    model = build_open_clip(cfg.model_name, cfg.size, quick_gelu=cfg.tag_config().get("quick_gelu", False))
-    if cfg.init == "checkpoint":
-        what = f"OpenCLIP {cfg.model_name} checkpoint"
-        load_open_clip_weights(model, cfg.checkpoint, what, cfg.files()[0].source)
-    scorer = OpenClipScorer(finish_model(model, device, dtype), tokenizer, *cfg.preprocessing())
-    return ClipScore(scorer, cfg.formula, cfg.clip_s_weight)
+    tokenizer = open_clip_tokenizer(config.model_name, config.size)
+    model = build_open_clip(config.model_name, config.size, quick_gelu=config.tag_config().get("quick_gelu", False))
+    if config.init == "checkpoint":
+        what = f"OpenCLIP {config.model_name} checkpoint"
+        load_open_clip_weights(model, config.checkpoint, what, config.files()[0].source)
+    scorer = OpenClipScorer(finish_model(model, device, dtype), tokenizer, *config.preprocessing())
+    return ClipScore(scorer, config.formula, config.clip_s_weight)

@@ -52,13 +52,13 @@ class RunningNorm:
         self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
 
 
-def make_normalizer(cfg: NormalizeConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def make_normalizer(config: NormalizeConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """None (identity), a fixed affine map, or a RunningNorm."""
-    if cfg.kind == "none":
+    if config.kind == "none":
         return None
-    if cfg.kind == "affine":
-        return lambda x: (x - cfg.shift) / cfg.scale
-    return RunningNorm(cfg.eps)
+    if config.kind == "affine":
+        return lambda x: (x - config.shift) / config.scale
+    return RunningNorm(config.eps)
 
 
 class CompositeReward:

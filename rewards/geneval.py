@@ -281,7 +281,7 @@ class GenEvalReward:
                             components={"strict": strict, "partial": partial})  # fmt: skip
 
 
-def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> GenEvalReward:
+def build(config: Config, device: torch.device, dtype: torch.dtype) -> GenEvalReward:
     """The GenEval reward: metadata table + configured detector."""
-    table = read_metadata(require_file(cfg.metadata, "GenEval metadata", SOURCE))
-    return GenEvalReward(table, load_detector(cfg.detector, cfg.detector_args), cfg.rules(), cfg.score)
+    table = read_metadata(require_file(config.metadata, "GenEval metadata", SOURCE))
+    return GenEvalReward(table, load_detector(config.detector, config.detector_args), config.rules(), config.score)

@@ -54,11 +54,11 @@ class HPSv2:
         return RewardOutput(scores=self.scorer.cosine(images, prompts))
 
 
-def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> HPSv2:
+def build(config: Config, device: torch.device, dtype: torch.dtype) -> HPSv2:
     """The HPSv2 reward on `device` in `dtype`."""
-    tokenizer = open_clip_tokenizer(MODEL_NAME, cfg.size)
-    model = build_open_clip(MODEL_NAME, cfg.size)
-    if cfg.init == "checkpoint":
-        load_open_clip_weights(model, cfg.checkpoint, "HPSv2 checkpoint", SOURCE, nested=True)
+    tokenizer = open_clip_tokenizer(MODEL_NAME, config.size)
+    model = build_open_clip(MODEL_NAME, config.size)
+    if config.init == "checkpoint":
+        load_open_clip_weights(model, config.checkpoint, "HPSv2 checkpoint", SOURCE, nested=True)
     scorer = OpenClipScorer(finish_model(model, device, dtype), tokenizer, "longest", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     return HPSv2(scorer)

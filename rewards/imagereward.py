@@ -225,11 +225,11 @@ def standardise(raw: torch.Tensor) -> torch.Tensor:
     return (raw - SCORE_MEAN) / SCORE_STD
 
 
-def text_config(cfg: Config) -> dict:
-    """BERT dims from med_config.json when given, else the built-in values for `cfg.size`."""
-    if cfg.med_config is None:
-        return dict(MED_CONFIG_FULL if cfg.size == "full" else MED_CONFIG_TINY)
-    path = require_file(cfg.med_config, "ImageReward med_config.json", f"{HUB}, file med_config.json")
+def text_config(config: Config) -> dict:
+    """BERT dims from med_config.json when given, else the built-in values for `config.size`."""
+    if config.med_config is None:
+        return dict(MED_CONFIG_FULL if config.size == "full" else MED_CONFIG_TINY)
+    path = require_file(config.med_config, "ImageReward med_config.json", f"{HUB}, file med_config.json")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -254,13 +254,13 @@ def load_tokenizer(vocab_dir: str, vocab_size: int) -> BertTokenizer:
     return tokenizer
 
 
-def build_model(cfg: Config) -> ImageRewardModel:
-    """The architecture for `cfg` (weights: seeded random, or the checkpoint when init is checkpoint)."""
-    vit = VIT_FULL if cfg.size == "full" else VIT_TINY
+def build_model(config: Config) -> ImageRewardModel:
+    """The architecture for `config` (weights: seeded random, or the checkpoint when init is checkpoint)."""
+    vit = VIT_FULL if config.size == "full" else VIT_TINY
     with seeded_init():
-        model = ImageRewardModel(vit, text_config(cfg))
-    if cfg.init == "checkpoint":
-        path = require_file(cfg.checkpoint, "ImageReward checkpoint", f"{HUB}, file ImageReward.pt")
+        model = ImageRewardModel(vit, text_config(config))
+    if config.init == "checkpoint":
+        path = require_file(config.checkpoint, "ImageReward checkpoint", f"{HUB}, file ImageReward.pt")
         load_exact(model, read_state_dict(path, "ImageReward checkpoint"), str(path), PUBLISHED_UNUSED_KEYS)
     return model
 
@@ -291,9 +291,9 @@ class ImageReward:
         return RewardOutput(scores=standardise(raw), components={"raw": raw})
 
 
-def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> ImageReward:
+def build(config: Config, device: torch.device, dtype: torch.dtype) -> ImageReward:
     """The ImageReward reward on `device` in `dtype` (tokenizer checked before weights load)."""
-    tokenizer = load_tokenizer(cfg.vocab_dir, text_config(cfg)["vocab_size"])  # cheap checks first
-    model = build_model(cfg)
-    image_size = (VIT_FULL if cfg.size == "full" else VIT_TINY).image_size
-    return ImageReward(finish_model(model, device, dtype), tokenizer, image_size, cfg.max_length)
+    tokenizer = load_tokenizer(config.vocab_dir, text_config(config)["vocab_size"])  # cheap checks first
+    model = build_model(config)
+    image_size = (VIT_FULL if config.size == "full" else VIT_TINY).image_size
+    return ImageReward(finish_model(model, device, dtype), tokenizer, image_size, config.max_length)

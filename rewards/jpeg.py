@@ -55,6 +55,6 @@ class JpegReward:
         return RewardOutput(scores=self.sign * sizes, components={"size_kb": sizes})
 
 
-def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> JpegReward:
+def build(config: Config, device: torch.device, dtype: torch.dtype) -> JpegReward:
     """The JPEG reward (no model; device and dtype unused)."""
-    return JpegReward(cfg.direction, cfg.quality)
+    return JpegReward(config.direction, config.quality)

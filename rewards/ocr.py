@@ -95,7 +95,7 @@ class OcrReward:
         return RewardOutput(scores=torch.tensor(scores, dtype=torch.float32))
 
 
-def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> OcrReward:
+def build(config: Config, device: torch.device, dtype: torch.dtype) -> OcrReward:
     """The OCR reward on the ONNX CPU runtime (device and dtype unused)."""
-    engine = RapidOCR(intra_op_num_threads=cfg.num_threads, inter_op_num_threads=1)
-    return OcrReward(engine, cfg.text_score, cfg.use_angle_cls)
+    engine = RapidOCR(intra_op_num_threads=config.num_threads, inter_op_num_threads=1)
+    return OcrReward(engine, config.text_score, config.use_angle_cls)

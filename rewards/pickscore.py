@@ -108,12 +108,12 @@ def write_clip_processor_dir(directory: str | Path) -> Path:
     return directory
 
 
-def build_model(cfg: Config) -> CLIPModel:
+def build_model(config: Config) -> CLIPModel:
     """CLIPModel from model_dir (init: checkpoint), or seeded random weights of the `size` architecture."""
-    if cfg.init == "checkpoint":
-        return load_hf_pretrained(CLIPModel, cfg.model_dir, "PickScore model", MODEL_SOURCE)
+    if config.init == "checkpoint":
+        return load_hf_pretrained(CLIPModel, config.model_dir, "PickScore model", MODEL_SOURCE)
     with seeded_init():
-        return CLIPModel(CLIPConfig(**(FULL_CLIP if cfg.size == "full" else TINY_CLIP)))
+        return CLIPModel(CLIPConfig(**(FULL_CLIP if config.size == "full" else TINY_CLIP)))
 
 
 class PickScore:
@@ -138,14 +138,14 @@ class PickScore:
         return RewardOutput(scores=raw / self.divisor, components={"raw": raw, "cosine": cos})
 
 
-def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> PickScore:
+def build(config: Config, device: torch.device, dtype: torch.dtype) -> PickScore:
     """The PickScore reward on `device` in `dtype`; the tokenizer must match the model vocabulary."""
-    processor_dir = cfg.processor_dir or cfg.model_dir
+    processor_dir = config.processor_dir or config.model_dir
     processor = load_processor(processor_dir)
-    model = build_model(cfg)
+    model = build_model(config)
     if len(processor.tokenizer) != model.config.text_config.vocab_size:  # a wrong tokenizer fails loudly
         raise CheckpointError(
             f"CLIP tokenizer at {processor_dir} has {len(processor.tokenizer)} tokens, "
             f"the model expects {model.config.text_config.vocab_size}"
         )
-    return PickScore(finish_model(model, device, dtype), processor, cfg.divisor)
+    return PickScore(finish_model(model, device, dtype), processor, config.divisor)

@@ -83,21 +83,21 @@ class ShapesSceneReward:
 
     name = "shapes_scene"
 
-    def __init__(self, table: dict[str, Clauses], detector: ShapesDetector, cfg: Config):
-        self.table, self.detector, self.cfg = table, detector, cfg
+    def __init__(self, table: dict[str, Clauses], detector: ShapesDetector, config: Config):
+        self.table, self.detector, self.config = table, detector, config
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
         check_inputs(images, prompts)
         missing = [p for p in prompts if p not in self.table]
         if missing:
             raise UserError(f"shapes_scene reward: prompt not in the metadata file: '{missing[0]}'")
-        rows = [scene_credit(self.table[p], self.detector(im), self.cfg.shape_width, self.cfg.position_threshold)
+        rows = [scene_credit(self.table[p], self.detector(im), self.config.shape_width, self.config.position_threshold)
                 for im, p in zip(images, prompts)]  # fmt: skip
         column = {k: torch.tensor([r[k] for r in rows], dtype=torch.float32) for k in rows[0]}  # [B] each
         return RewardOutput(scores=column.pop("reward"), components=column)
 
 
-def build(cfg: Config, device: torch.device, dtype: torch.dtype) -> ShapesSceneReward:
+def build(config: Config, device: torch.device, dtype: torch.dtype) -> ShapesSceneReward:
     """The reward: metadata table + the exact shapes detector."""
-    table = read_metadata(require_file(cfg.metadata, "GenEval metadata", SOURCE))
-    return ShapesSceneReward(table, ShapesDetector(**cfg.detector_args), cfg)
+    table = read_metadata(require_file(config.metadata, "GenEval metadata", SOURCE))
+    return ShapesSceneReward(table, ShapesDetector(**config.detector_args), config)

@@ -6,7 +6,7 @@
 
 One row per image: checkpoint, prompt id and text, sample index, seed, every reward's score and a PNG
 thumbnail. A shard is written atomically, so "the file exists" means "scored".
-(dashboard/data.py reads these files without importing this module: the dashboard imports no torch.)
+(dashboard/data.py reads these files through the names in core/formats.py, without importing torch.)
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 
 from core.files import atomic_write
+from core.formats import EVAL_MANIFEST, EVAL_SCORES_DIR
 from rollout.batch import RolloutBatch
 
-SCORES_DIR = "scores"
-MANIFEST = "eval.json"
+SCORES_DIR, MANIFEST = EVAL_SCORES_DIR, EVAL_MANIFEST  # core/formats.py names every result file once
 
 
 def thumbnail_png(image: torch.Tensor, size: int) -> bytes:

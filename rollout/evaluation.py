@@ -22,14 +22,14 @@ from base_model.config import RANDOM_PRESETS
 from base_model.sampler import SamplingConfig
 from base_model.sequence import prompt_tokenizer, truncation_note
 from core.errors import ConfigError, UserError
-from core.files import atomic_write_text, lock_dir
+from core.files import atomic_write_text, lock_dir, remove_partial_writes
+from core.formats import shard_name
 from core.pools import LocalPool, RayPool, make_pool
 from core.runs import prepare_run_dir
 from core.schema import to_dict
 from rewards.base import RewardsConfig, reward_table
 from rewards.worker import RewardWorker
 from rollout.eval_format import MANIFEST, SCORES_DIR, shard_rows, write_rows
-from rollout.prefs_format import shard_name
 from rollout.prompts import Prompt, PromptSourceConfig, load_prompts
 from rollout.worker import RolloutConfig, RolloutWorker
 
@@ -86,8 +86,8 @@ def prepare_out_dir(settings: EvalSettings, out_dir: str | Path) -> Path:
     resolved["rollout"].pop("pool")
     resolved["rewards"].pop("pool")
     run = prepare_run_dir(out.parent, out.name, resolved, extendable=())
-    for stale in (run / SCORES_DIR).glob("*/.*.tmp-*"):  # a shard being written when the last attempt died
-        stale.unlink()
+    for scores in (run / SCORES_DIR).glob("*"):  # shards being written when the last attempt died
+        remove_partial_writes(scores)
     return run
 
 

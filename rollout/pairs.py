@@ -109,14 +109,14 @@ def prompt_rng(run_seed: int, prompt_id: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def select_pairs(cfg: PairConfig, table: dict[str, np.ndarray], rng: np.random.Generator) -> list[Pair]:
-    """table: reward name -> scores [G] of one group (must hold cfg.primary) -> (chosen, rejected) pairs."""
-    primary = table[cfg.primary]
-    if cfg.strategy == "nextstep":
-        return nextstep_pairs(primary, rng, cfg.top_k, cfg.pairs_per_prompt)
-    if cfg.strategy == "best_worst":
+def select_pairs(config: PairConfig, table: dict[str, np.ndarray], rng: np.random.Generator) -> list[Pair]:
+    """table: reward name -> scores [G] of one group (must hold config.primary) -> (chosen, rejected) pairs."""
+    primary = table[config.primary]
+    if config.strategy == "nextstep":
+        return nextstep_pairs(primary, rng, config.top_k, config.pairs_per_prompt)
+    if config.strategy == "best_worst":
         return best_worst_pairs(primary)
-    if cfg.strategy == "margin":
-        return margin_pairs(primary, cfg.margin, cfg.pairs_per_prompt)
-    others = [table[name] for name in cfg.agreement_rewards if name != cfg.primary]
-    return agreement_pairs(primary, others, cfg.margin, cfg.pairs_per_prompt)
+    if config.strategy == "margin":
+        return margin_pairs(primary, config.margin, config.pairs_per_prompt)
+    others = [table[name] for name in config.agreement_rewards if name != config.primary]
+    return agreement_pairs(primary, others, config.margin, config.pairs_per_prompt)

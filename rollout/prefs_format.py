@@ -24,11 +24,10 @@ import torch
 from PIL import Image
 
 from core.errors import UserError
+from core.formats import PREFS_DATA_DIR, PREFS_MANIFEST, SHARD_GLOB
 from core.tables import concat_same_schema, read_columns
 
-SHARD_GLOB = "shard-*.parquet"
-DATA_DIR = "data"
-MANIFEST = "manifest.json"
+DATA_DIR, MANIFEST = PREFS_DATA_DIR, PREFS_MANIFEST  # core/formats.py names every result file once
 
 
 def pairs_schema(reward_names: list[str]) -> pa.Schema:
@@ -46,10 +45,6 @@ def pairs_schema(reward_names: list[str]) -> pa.Schema:
         ("strategy", pa.string()), ("sampling", pa.string()), ("checkpoint", pa.string()),
         ("policy_version", pa.int64()),
     ])  # fmt: skip
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.parquet"
 
 
 def png_bytes(image: torch.Tensor) -> bytes:

@@ -89,39 +89,41 @@ class Example:
     noisy: bool = False
 
 
-def rng_for(cfg: WorldDataConfig, stream: str) -> np.random.Generator:
+def rng_for(config: WorldDataConfig, stream: str) -> np.random.Generator:
     """Independent random stream of one split."""
-    return np.random.default_rng([cfg.seed, SPLIT_STREAMS[stream]])
+    return np.random.default_rng([config.seed, SPLIT_STREAMS[stream]])
 
 
-def partition(cfg: WorldDataConfig) -> dict[str, dict[str, list[Spec]]]:
+def partition(config: WorldDataConfig) -> dict[str, dict[str, list[Spec]]]:
     """pool ('train' | 'eval') -> kind -> specs; each kind keeps at least one spec per pool."""
-    rng = rng_for(cfg, "partition")
+    rng = rng_for(config, "partition")
     pools: dict[str, dict[str, list[Spec]]] = {"train": {}, "eval": {}}
     for kind in KINDS:
-        specs = [s for s in all_specs(cfg.colors, cfg.shapes) if s.kind == kind]
+        specs = [s for s in all_specs(config.colors, config.shapes) if s.kind == kind]
         order = [specs[i] for i in rng.permutation(len(specs))]
-        n_eval = min(max(1, round(cfg.eval_fraction * len(specs))), len(specs) - 1)
+        n_eval = min(max(1, round(config.eval_fraction * len(specs))), len(specs) - 1)
         pools["eval"][kind], pools["train"][kind] = order[:n_eval], order[n_eval:]
     return pools
 
 
-def _kinds(cfg: WorldDataConfig) -> tuple[list[str], np.ndarray]:
-    kinds = [k for k in KINDS if cfg.kind_weights.get(k, 0.0) > 0]
-    weights = np.array([cfg.kind_weights[k] for k in kinds], dtype=np.float64)
+def _kinds(config: WorldDataConfig) -> tuple[list[str], np.ndarray]:
+    kinds = [k for k in KINDS if config.kind_weights.get(k, 0.0) > 0]
+    weights = np.array([config.kind_weights[k] for k in kinds], dtype=np.float64)
     return kinds, weights / weights.sum()
 
 
-def draw_specs(pool: dict[str, list[Spec]], cfg: WorldDataConfig, rng: np.random.Generator, n: int) -> list[Spec]:
+def draw_specs(pool: dict[str, list[Spec]], config: WorldDataConfig, rng: np.random.Generator, n: int) -> list[Spec]:
     """n specs: kind by kind_weights, then uniform within the kind (with repetition)."""
-    kinds, probs = _kinds(cfg)
+    kinds, probs = _kinds(config)
     picks = rng.choice(len(kinds), size=n, p=probs)
     return [pool[kinds[k]][int(rng.integers(len(pool[kinds[k]])))] for k in picks]
 
 
-def distinct_specs(pool: dict[str, list[Spec]], cfg: WorldDataConfig, rng: np.random.Generator, n: int) -> list[Spec]:
+def distinct_specs(
+    pool: dict[str, list[Spec]], config: WorldDataConfig, rng: np.random.Generator, n: int
+) -> list[Spec]:
     """Up to n distinct specs in kind_weights proportions (a kind runs out -> the others fill in)."""
-    kinds, probs = _kinds(cfg)
+    kinds, probs = _kinds(config)
     queues = {k: [pool[k][i] for i in rng.permutation(len(pool[k]))] for k in kinds}
     quota = {k: int(round(p * n)) for k, p in zip(kinds, probs)}
     out = [s for k in kinds for s in queues[k][: quota[k]]]
@@ -130,26 +132,26 @@ def distinct_specs(pool: dict[str, list[Spec]], cfg: WorldDataConfig, rng: np.ra
     return out[:n]
 
 
-def image_split(cfg: WorldDataConfig, name: str) -> list[Example]:
+def image_split(config: WorldDataConfig, name: str) -> list[Example]:
     """'pretrain' (all specs, noisy captions), 'sft' (train pool, clean captions) or 'heldout' (eval pool,
     clean captions; never trained on): captioned scenes."""
-    rng = rng_for(cfg, name)
-    geo = Geometry(image_size=cfg.image_size)
+    rng = rng_for(config, name)
+    geo = Geometry(image_size=config.image_size)
     if name == "pretrain":
-        everything = {k: [s for p in partition(cfg).values() for s in p[k]] for k in KINDS}
-        specs = draw_specs(everything, cfg, rng, cfg.num_pretrain)
+        everything = {k: [s for p in partition(config).values() for s in p[k]] for k in KINDS}
+        specs = draw_specs(everything, config, rng, config.num_pretrain)
     elif name == "sft":
-        specs = draw_specs(partition(cfg)["train"], cfg, rng, cfg.num_sft)
+        specs = draw_specs(partition(config)["train"], config, rng, config.num_sft)
     elif name == "heldout":
-        specs = draw_specs(partition(cfg)["eval"], cfg, rng, cfg.num_heldout)
+        specs = draw_specs(partition(config)["eval"], config, rng, config.num_heldout)
     else:
         raise ValueError(f"'{name}' is not an image split (pretrain, sft, heldout)")
     scenes = [layout(s, rng, geo) for s in specs]
-    noise_rng = rng_for(cfg, "noise")
-    noisy = noisy_rows(len(scenes), cfg.noise_share if name == "pretrain" else 0.0, noise_rng)
+    noise_rng = rng_for(config, "noise")
+    noisy = noisy_rows(len(scenes), config.noise_share if name == "pretrain" else 0.0, noise_rng)
     out = []
     for i, scene in enumerate(scenes):
-        said = corrupt(scene.spec, noise_rng, cfg.colors) if i in noisy else scene.spec
+        said = corrupt(scene.spec, noise_rng, config.colors) if i in noisy else scene.spec
         out.append(Example(caption(said), scene, said, i in noisy))
     return out
 
@@ -159,13 +161,13 @@ def noisy_rows(n: int, share: float, rng: np.random.Generator) -> set[int]:
     return {int(i) for i in rng.permutation(n)[: int(round(share * n))]}
 
 
-def prompt_split(cfg: WorldDataConfig, name: str) -> list[Example]:
+def prompt_split(config: WorldDataConfig, name: str) -> list[Example]:
     """'prefs' (train pool) or 'eval' (held-out pool): distinct prompts, no images."""
-    pools = partition(cfg)
+    pools = partition(config)
     if name == "prefs":
-        specs = distinct_specs(pools["train"], cfg, rng_for(cfg, name), cfg.num_prefs)
+        specs = distinct_specs(pools["train"], config, rng_for(config, name), config.num_prefs)
     elif name == "eval":
-        specs = distinct_specs(pools["eval"], cfg, rng_for(cfg, name), cfg.num_eval)
+        specs = distinct_specs(pools["eval"], config, rng_for(config, name), config.num_eval)
     else:
         raise ValueError(f"'{name}' is not a prompt split (prefs, eval)")
     return [Example(caption(s), None, s) for s in specs]

@@ -65,16 +65,16 @@ class VaeTrainConfig:
 
 def posterior(vae: NextStepVAE, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, 3, H, W] in [-1, 1] -> (sampled model latent [B, 16, H/8, W/8], KL per element, scalar)."""
-    cfg = vae.config
+    config = vae.config
     mean, logvar = vae.encoder(x).chunk(2, dim=1)  # 2 x [B, 16, H/8, W/8]
     logvar = logvar.clamp(-30.0, 20.0)
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-    if cfg.encoder_norm:  # the same per-token LayerNorm as encode_latent
-        grid = (mean.shape[-2] // cfg.psz, mean.shape[-1] // cfg.psz)
-        mean = unpatchify(token_layer_norm(patchify(mean, cfg.psz)), grid, cfg.z_channels, cfg.psz)
+    if config.encoder_norm:  # the same per-token LayerNorm as encode_latent
+        grid = (mean.shape[-2] // config.psz, mean.shape[-1] // config.psz)
+        mean = unpatchify(token_layer_norm(patchify(mean, config.psz)), grid, config.z_channels, config.psz)
     noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-    z = mean if cfg.deterministic else mean + torch.exp(0.5 * logvar) * noise
-    return (z - cfg.shift_factor) * cfg.scaling_factor, kl
+    z = mean if config.deterministic else mean + torch.exp(0.5 * logvar) * noise
+    return (z - config.shift_factor) * config.scaling_factor, kl
 
 
 def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, foreground_weight: float = 0.0) -> torch.Tensor:
@@ -87,30 +87,30 @@ def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, foreground_weight:
     return ((1.0 + foreground_weight * foreground) * per_pixel).mean()
 
 
-def lr_at(step: int, cfg: VaeTrainConfig) -> float:
-    """Linear warm-up to cfg.lr, then a cosine decay to 10% at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+def lr_at(step: int, config: VaeTrainConfig) -> float:
+    """Linear warm-up to config.lr, then a cosine decay to 10% at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
-def train_vae(cfg: VaeTrainConfig, images: torch.Tensor, log_every: int = 50) -> tuple[NextStepVAE, list[float]]:
+def train_vae(config: VaeTrainConfig, images: torch.Tensor, log_every: int = 50) -> tuple[NextStepVAE, list[float]]:
     """images uint8 [N, 3, H, W] -> trained VAE (eval mode) and the reconstruction loss of every step."""
-    torch.manual_seed(cfg.seed)
-    vae = NextStepVAE(cfg.arch)
-    opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(config.seed)
+    vae = NextStepVAE(config.arch)
+    opt = torch.optim.Adam(vae.parameters(), lr=config.lr)
+    gen = torch.Generator().manual_seed(config.seed)
     losses, t0 = [], time.perf_counter()
-    for step in range(cfg.steps):
-        idx = torch.randint(len(images), (cfg.batch_images,), generator=gen)
+    for step in range(config.steps):
+        idx = torch.randint(len(images), (config.batch_images,), generator=gen)
         x = images[idx].float() / 127.5 - 1.0  # [B, 3, H, W]
         z, kl = posterior(vae, x, gen)
-        recon = vae.decode_latent(perturb_latent(z, cfg.noise_gamma, gen))
-        rec = reconstruction_loss(recon, x, cfg.foreground_weight)
-        loss = rec + cfg.kl_weight * kl
+        recon = vae.decode_latent(perturb_latent(z, config.noise_gamma, gen))
+        rec = reconstruction_loss(recon, x, config.foreground_weight)
+        loss = rec + config.kl_weight * kl
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, config)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -118,7 +118,9 @@ def train_vae(cfg: VaeTrainConfig, images: torch.Tensor, log_every: int = 50) ->
         losses.append(float(rec.detach()))
         if log_every and (step + 1) % log_every == 0:
             recent = sum(losses[-log_every:]) / log_every
-            print(f"vae: step {step + 1}/{cfg.steps} recon {recent:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            print(
+                f"vae: step {step + 1}/{config.steps} recon {recent:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True
+            )
     return vae.eval(), losses
 
 
@@ -138,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value, e.g. vae.steps=50")
     p.add_argument("--out", required=True, help="directory for checkpoint.pt + config.json")
     args = p.parse_args(argv)
-    cfg = load_config(WorldConfig, args.config, args.overrides)
-    vae, _ = train_vae(cfg.vae, world_images(cfg.data))
+    config = load_config(WorldConfig, args.config, args.overrides)
+    vae, _ = train_vae(config.vae, world_images(config.data))
     print(f"vae: saved {save_vae(vae, Path(args.out))}")
     return 0
 

@@ -67,23 +67,23 @@ class WorldConfig:
     seed: int = 0  # NextStep init
 
 
-def world_images(cfg: WorldDataConfig) -> torch.Tensor:
+def world_images(config: WorldDataConfig) -> torch.Tensor:
     """uint8 [N, 3, S, S]: the pre-training split's images (what the VAE trains on)."""
-    return torch.from_numpy(np.stack([render(e.scene, cfg.image_size) for e in image_split(cfg, "pretrain")]))\
+    return torch.from_numpy(np.stack([render(e.scene, config.image_size) for e in image_split(config, "pretrain")]))\
         .permute(0, 3, 1, 2).contiguous()  # fmt: skip
 
 
-def write_data(cfg: WorldDataConfig, out: Path) -> dict[str, Path]:
+def write_data(config: WorldDataConfig, out: Path) -> dict[str, Path]:
     """All split files under out/ (see the module docstring)."""
     files = {
-        "pretrain": write_parquet(image_split(cfg, "pretrain"), out / "pretrain.parquet", cfg.image_size),
-        "sft": write_parquet(image_split(cfg, "sft"), out / "sft.parquet", cfg.image_size),
-        "heldout": write_parquet(image_split(cfg, "heldout"), out / "heldout.parquet", cfg.image_size),
-        "prefs": write_metadata([e.spec for e in prompt_split(cfg, "prefs")], out / "prefs.jsonl"),
-        "eval": write_metadata([e.spec for e in prompt_split(cfg, "eval")], out / "eval.jsonl"),
-        "metadata": write_metadata(all_specs(cfg.colors, cfg.shapes), out / "metadata.jsonl"),
+        "pretrain": write_parquet(image_split(config, "pretrain"), out / "pretrain.parquet", config.image_size),
+        "sft": write_parquet(image_split(config, "sft"), out / "sft.parquet", config.image_size),
+        "heldout": write_parquet(image_split(config, "heldout"), out / "heldout.parquet", config.image_size),
+        "prefs": write_metadata([e.spec for e in prompt_split(config, "prefs")], out / "prefs.jsonl"),
+        "eval": write_metadata([e.spec for e in prompt_split(config, "eval")], out / "eval.jsonl"),
+        "metadata": write_metadata(all_specs(config.colors, config.shapes), out / "metadata.jsonl"),
     }
-    pools = partition(cfg)
+    pools = partition(config)
     held_out = sorted(s for kind in pools["eval"].values() for s in map(caption, kind))
     (out / "eval_pool.txt").write_text("".join(c + "\n" for c in held_out), encoding="utf-8")
     return files

@@ -36,14 +36,14 @@ def test_untouched_policy_ratio_is_one_and_gradients_reach_backbone_and_head(rol
 
 
 def test_cfg_rollouts_are_rescored_with_both_branches_only_when_asked():
-    """Rollouts sampled at cfg 3 record the guided policy's log-probs: re-scored with train_with_cfg they
+    """Rollouts sampled at cfg 3 record the guided policy's log-probs: re-scored with train_with_guidance they
     match (ratio 1); re-scored on the conditional branch alone they do not (why the GRPO config refuses it)."""
     w = RolloutWorker("tiny", SamplingConfig(image_size=64, cfg_scale=3.0, num_head_steps=4))
     batch = w.rollout([Prompt(prompt_id("a red circle"), "a red circle")], 2, record_chains=True)
     args = (w.bundle.model, None, w.bundle.tokenizer, w.bundle.ids, batch, torch.zeros(2),
             trained_mask("full", 16, 4).float(), 1e-4, 0.0)  # fmt: skip
-    _, guided = grpo_objective(*args, train_with_cfg=True)
-    _, cond_only = grpo_objective(*args, train_with_cfg=False)
+    _, guided = grpo_objective(*args, train_with_guidance=True)
+    _, cond_only = grpo_objective(*args, train_with_guidance=False)
     assert guided["grpo/logprob_diff"] < 2e-3 and guided["grpo/clip_frac"] == 0.0
     assert cond_only["grpo/logprob_diff"] > 100 * max(guided["grpo/logprob_diff"], 1e-6)
     assert cond_only["grpo/clip_frac"] > 0.3  # most cells outside the trust region before any update

@@ -31,8 +31,8 @@ def test_layout_on_disk(saved):
     assert set(index["weight_map"].values()) == set(shards)
     assert index["metadata"]["total_size"] > 0
     assert "embed_tokens.weight" in index["weight_map"]
-    cfg = json.loads((saved / "config.json").read_text())
-    assert cfg["model_type"] == "nextstep" and cfg["fm_head_batch_mul"] == 4
+    config = json.loads((saved / "config.json").read_text())
+    assert config["model_type"] == "nextstep" and config["fm_head_batch_mul"] == 4
     assert (saved / "vae" / "checkpoint.pt").is_file() and (saved / "vae" / "config.json").is_file()
     assert not list(saved.parent.glob(".model.tmp-*"))  # nothing half-written left behind
 
@@ -67,10 +67,10 @@ def _write_published(tiny, directory: Path, state: dict) -> None:
         save_file({k: state[k].contiguous() for k in part}, str(directory / name))
         weight_map.update({k: name for k in part})
     (directory / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map}))
-    cfg = tiny.model.config.to_dict()
-    cfg.pop("_attn_implementation_internal", None)
-    cfg.update(model_type="nextstep", architectures=["NextStep"], auto_map={"AutoModel": "x.NextStep"})
-    (directory / "config.json").write_text(json.dumps(cfg))
+    config = tiny.model.config.to_dict()
+    config.pop("_attn_implementation_internal", None)
+    config.update(model_type="nextstep", architectures=["NextStep"], auto_map={"AutoModel": "x.NextStep"})
+    (directory / "config.json").write_text(json.dumps(config))
     tiny.tokenizer.save_pretrained(str(directory))
     save_vae(tiny.vae, directory / "vae")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from base_model.flow import (
-    cfg_velocity,
+    combine_guidance,
     counter_noise,
     flow_grpo_kl_factor,
     flow_matching_inputs,
@@ -22,10 +22,10 @@ def test_time_grid_plain_and_shifted():
     assert time_grid(4, shift=3.0).tolist() == pytest.approx([0.0, 0.1, 0.25, 0.5, 1.0])
 
 
-def test_cfg_velocity_scale_one_is_cond_and_formula():
+def test_combine_guidance_scale_one_is_cond_and_formula():
     vc, vu = torch.tensor([1.0, 2.0]), torch.tensor([0.5, -1.0])
-    assert torch.equal(cfg_velocity(vc, vu, 1.0), vc)
-    assert cfg_velocity(vc, vu, 3.0).tolist() == pytest.approx([0.5 + 3 * 0.5, -1.0 + 3 * 3.0])
+    assert torch.equal(combine_guidance(vc, vu, 1.0), vc)
+    assert combine_guidance(vc, vu, 3.0).tolist() == pytest.approx([0.5 + 3 * 0.5, -1.0 + 3 * 3.0])
 
 
 def test_sde_step_mean_std_and_logprob_are_the_analytic_gaussian():

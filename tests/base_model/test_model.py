@@ -105,8 +105,8 @@ def test_sft_loss_weights_text_and_image_parts(tiny):
     ids = tiny.ids
     batch = build_prompt_batch(tiny.tokenizer, ids, ["a red circle"], (64, 64), with_uncond=False)
     out = sft_loss(tiny.model, batch, ids, torch.randn(1, 16, 64), generator=torch.Generator().manual_seed(0))
-    cfg = tiny.model.config
-    assert (cfg.lm_loss_weight, cfg.im_loss_weight, cfg.fm_head_batch_mul) == (0.01, 1.0, 4)
+    config = tiny.model.config
+    assert (config.lm_loss_weight, config.im_loss_weight, config.fm_head_batch_mul) == (0.01, 1.0, 4)
     expected = 0.01 * out.text_ce + 1.0 * out.flow_matching
     torch.testing.assert_close(out.loss.detach(), expected)
     out.loss.backward()

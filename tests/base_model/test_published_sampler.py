@@ -12,7 +12,7 @@ from base_model.checkpoint import build_random, load_checkpoint, save_checkpoint
 from base_model.flow import (
     PUBLISHED_LAST_STEP,
     PublishedNoise,
-    cfg_velocity,
+    combine_guidance,
     head_step,
     num_sde_steps,
     time_grid,
@@ -79,7 +79,7 @@ def test_scorer_recomputes_the_published_sde_steps(tiny, cfg_scale):
     prompts = ["a red circle", "three yellow squares at the top"]
     res = sample_prompts(tiny, prompts, [1, 2], sampling, record_chains=True)
     assert res.chains.shape == (2, 16, 6, 64) and res.log_probs.shape == (2, 16, 4)
-    batch = build_prompt_batch(tiny.tokenizer, tiny.ids, prompts, (64, 64), with_uncond=sampling.uses_cfg)
+    batch = build_prompt_batch(tiny.tokenizer, tiny.ids, prompts, (64, 64), with_uncond=sampling.uses_guidance)
     with torch.no_grad():
         scores = score_chains(tiny.model, batch, tiny.ids, res.tokens, res.chains, sampling)
     assert scores.means.shape == (2, 16, 4, 64) and scores.stds.shape == (4,)
@@ -256,9 +256,9 @@ def test_bias_keys_read_as_nextstep_1_does():
     from base_model.model import NextStepModel
 
     def biases(**kw):
-        cfg = NextStepConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        config = NextStepConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                              intermediate_size=32, fm_head_dim=8, fm_head_layers=1, vocab_size=32, **kw)  # fmt: skip
-        layer = NextStepModel(cfg).layers[0]
+        layer = NextStepModel(config).layers[0]
         return tuple(m.bias is not None for m in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.up_proj))
 
     assert biases() == (True, False, False)  # no key: Qwen2 (NextStep-1.1 and our earlier checkpoints)
@@ -275,6 +275,6 @@ def test_three_branch_guidance_hand_values():
     0.5 + 2 (1 - 0.5) + 3 (2 - 1) = 4.5 and 3 + 2 (1 - 3) + 3 (0 - 1) = -4. At image_scale 1 the
     result is the two-branch one, v_u + 3 (v_c - v_u) = (4, -2), whatever v_null."""
     vc, vu, vn = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]), torch.tensor([0.5, 3.0])
-    assert cfg_velocity(vc, vu, 3.0, v_null=vn, image_scale=2.0).tolist() == pytest.approx([4.5, -4.0])
-    assert cfg_velocity(vc, vu, 3.0, v_null=vn, image_scale=1.0).tolist() == pytest.approx([4.0, -2.0])
-    assert cfg_velocity(vc, vu, 3.0).tolist() == pytest.approx([4.0, -2.0])
+    assert combine_guidance(vc, vu, 3.0, v_null=vn, image_scale=2.0).tolist() == pytest.approx([4.5, -4.0])
+    assert combine_guidance(vc, vu, 3.0, v_null=vn, image_scale=1.0).tolist() == pytest.approx([4.0, -2.0])
+    assert combine_guidance(vc, vu, 3.0).tolist() == pytest.approx([4.0, -2.0])

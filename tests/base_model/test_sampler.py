@@ -33,13 +33,13 @@ def test_a_continuation_keeps_the_given_prefix_and_samples_the_rest(tiny):
 
 
 def test_cfg_scale_one_equals_no_cfg(tiny):
-    cfg1 = SamplingConfig(image_size=64, cfg_scale=1.0, num_head_steps=6)
+    config1 = SamplingConfig(image_size=64, cfg_scale=1.0, num_head_steps=6)
     prompts = ["a red circle", "two blue squares"]
     seeds = torch.tensor([5, 6])
     with_branch = build_prompt_batch(tiny.tokenizer, tiny.ids, prompts, (64, 64), with_uncond=True)
     without = build_prompt_batch(tiny.tokenizer, tiny.ids, prompts, (64, 64), with_uncond=False)
-    a = sample_tokens(tiny.model, with_branch, seeds, cfg1).tokens
-    b = sample_tokens(tiny.model, without, seeds, cfg1).tokens
+    a = sample_tokens(tiny.model, with_branch, seeds, config1).tokens
+    b = sample_tokens(tiny.model, without, seeds, config1).tokens
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     guided = sample_tokens(tiny.model, with_branch, seeds, SamplingConfig(64, 4.0, 6)).tokens
     assert (guided - a).abs().max() > 1e-3  # guidance does change the samples
@@ -52,7 +52,7 @@ def test_recomputed_logprobs_equal_rollout_logprobs(tiny, kind, cfg_scale):
     prompts = ["a red circle", "three yellow squares at the top"]
     res = sample_prompts(tiny, prompts, [1, 2], sampling, record_chains=True)
     assert res.chains.shape == (2, 16, 7, 64) and res.log_probs.shape == (2, 16, 6)
-    batch = build_prompt_batch(tiny.tokenizer, tiny.ids, prompts, (64, 64), with_uncond=sampling.uses_cfg)
+    batch = build_prompt_batch(tiny.tokenizer, tiny.ids, prompts, (64, 64), with_uncond=sampling.uses_guidance)
     with torch.no_grad():
         scores = score_chains(tiny.model, batch, tiny.ids, res.tokens, res.chains, sampling)
     # measured: at most 1.1e-5 apart (fp32 sums of up to 68 in magnitude, one parallel pass vs token by token)

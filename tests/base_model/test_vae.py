@@ -113,8 +113,8 @@ def test_encode_tokens_are_layer_normalised(tiny_vae):
 
 
 def test_scaling_and_shift_applied_to_latent(tiny_vae):
-    cfg = VAEConfig(**{**vae_preset("tiny").to_json_dict(), "scaling_factor": 2.0, "shift_factor": 0.5})
-    scaled = NextStepVAE(cfg).eval()
+    config = VAEConfig(**{**vae_preset("tiny").to_json_dict(), "scaling_factor": 2.0, "shift_factor": 0.5})
+    scaled = NextStepVAE(config).eval()
     scaled.load_state_dict(tiny_vae.state_dict())
     images = _images()
     with torch.no_grad():
@@ -130,8 +130,8 @@ def test_sampling_is_seeded_and_deterministic_flag_returns_mean(tiny_vae):
         b = tiny_vae.encode_latent(images, sample=True, generator=torch.Generator().manual_seed(3))
         mean = tiny_vae.encode_latent(images)
     assert torch.equal(a, b) and not torch.equal(a, mean)
-    cfg = VAEConfig(**{**vae_preset("tiny").to_json_dict(), "deterministic": True})
-    det = NextStepVAE(cfg).eval()
+    config = VAEConfig(**{**vae_preset("tiny").to_json_dict(), "deterministic": True})
+    det = NextStepVAE(config).eval()
     det.load_state_dict(tiny_vae.state_dict())
     with torch.no_grad():
         assert torch.equal(det.encode_latent(images, sample=True), mean)
@@ -166,9 +166,9 @@ def test_flux_preset_has_published_keys_and_parameter_count():
 def test_config_ignores_published_extras_and_round_trips():
     published = {**VAEConfig().to_json_dict(), "latent_channels": 16, "block_out_channels": [1, 2, 4, 4]}
     del published["norm_groups"]
-    cfg = VAEConfig.from_json_dict(published)
-    assert cfg == VAEConfig()
-    assert VAEConfig.from_json_dict(cfg.to_json_dict()) == cfg
+    config = VAEConfig.from_json_dict(published)
+    assert config == VAEConfig()
+    assert VAEConfig.from_json_dict(config.to_json_dict()) == config
 
 
 def test_config_bad_value_names_key():
@@ -199,8 +199,8 @@ def test_published_style_checkpoint_loads(tmp_path, tiny_vae):
     d = tmp_path / "published"
     d.mkdir()
     torch.save({"state_dict": dict(tiny_vae.state_dict())}, d / "checkpoint.pt")
-    cfg = {**tiny_vae.config.to_json_dict(), "latent_channels": 16, "block_out_channels": [1, 1, 2, 2]}
-    (d / "config.json").write_text(json.dumps(cfg))
+    config = {**tiny_vae.config.to_json_dict(), "latent_channels": 16, "block_out_channels": [1, 1, 2, 2]}
+    (d / "config.json").write_text(json.dumps(config))
     loaded = load_vae(d)
     for key, value in tiny_vae.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key

@@ -47,11 +47,12 @@ def sft_config(tmp_path: Path) -> Path:
     colors = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
     rows = {"caption": [f"a {c} square" for c in colors], "image": [_png(v) for v in colors.values()]}
     pq.write_table(pa.table(rows), data)
-    cfg = tmp_path / "sft.yaml"
-    cfg.write_text(f"run_name: r\nruns_root: {tmp_path / 'runs'}\nmodel: tiny\ndata: {{path: {data}, image_size: 32}}\n"
+    config = tmp_path / "sft.yaml"
+    config.write_text(
+        f"run_name: r\nruns_root: {tmp_path / 'runs'}\nmodel: tiny\ndata: {{path: {data}, image_size: 32}}\n"
                    "steps: 2\nmicro_batch_samples: 2\ncheckpoint_every: 2\nkeep_last: 5\n"
                    "learner: {lr: 1.0e-3, zero_stage: 2}\n")  # fmt: skip
-    return cfg
+    return config
 
 
 def dpo_config(tmp_path: Path) -> Path:
@@ -59,11 +60,11 @@ def dpo_config(tmp_path: Path) -> Path:
     from tests.jobs.test_dpo_job import build_jpeg_prefs
 
     prefs = build_jpeg_prefs(tmp_path / "prefs", num_prompts=4, samples_per_prompt=2)
-    cfg = tmp_path / "dpo.yaml"
-    cfg.write_text(f"run_name: r\nruns_root: {tmp_path / 'runs'}\nmodel: tiny\ndata: {{path: {prefs}}}\nsteps: 2\n"
+    config = tmp_path / "dpo.yaml"
+    config.write_text(f"run_name: r\nruns_root: {tmp_path / 'runs'}\nmodel: tiny\ndata: {{path: {prefs}}}\nsteps: 2\n"
                    "pairs_per_step: 2\nmicro_batch_pairs: 2\ncheckpoint_every: 2\nkeep_last: 5\n"
                    "learner: {lr: 1.0e-3, zero_stage: 2}\n")  # fmt: skip
-    return cfg
+    return config
 
 
 def job_argv(job: str, tmp_path: Path) -> list[str]:
@@ -143,10 +144,10 @@ def _locked_select(tmp_path):
 
 
 def _locked_pipeline(tmp_path):
-    cfg = tmp_path / "pipeline.yaml"
-    cfg.write_text(f"out_dir: {tmp_path / 'pipe'}\nstages:\n"
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(f"out_dir: {tmp_path / 'pipe'}\nstages:\n"
                    f"  - {{name: e, job: evaluate, config: {REPO / 'configs/evaluate/tiny.yaml'}}}\n")  # fmt: skip
-    return ["pipeline", str(cfg)], tmp_path / "pipe", ".pipeline.lock"
+    return ["pipeline", str(config)], tmp_path / "pipe", ".pipeline.lock"
 
 
 @pytest.mark.parametrize(
@@ -227,21 +228,21 @@ def test_a_non_finite_stop_leaves_latest_untouched_and_a_skip_is_no_step(tmp_pat
 def test_a_killed_checkpoint_write_leaves_no_step_dir_and_the_next_start_sweeps_it(tmp_path, monkeypatch):
     from alignment.learner import Learner
 
-    cfg = sft_config(tmp_path)
+    config = sft_config(tmp_path)
     run = tmp_path / "runs" / "r"
-    assert main(["sft", str(cfg)]) == 0
+    assert main(["sft", str(config)]) == 0
     before = tree(run / "step_000002")
 
     def killed(self, directory):  # the model is written; the engine state is not
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Learner, "save_state", killed)
-    assert main(["sft", str(cfg), "steps=4"]) == 130
+    assert main(["sft", str(config), "steps=4"]) == 130
     assert (run / "latest").read_text() == "step_000002\n" and tree(run / "step_000002") == before
     assert not (run / "step_000004").exists()  # readers (evaluate, select) never see a half checkpoint
     assert (run / ".step_000004.tmp-staging" / "model" / "config.json").is_file()
     monkeypatch.undo()
-    assert main(["sft", str(cfg), "steps=4"]) == 0
+    assert main(["sft", str(config), "steps=4"]) == 0
     assert (run / "latest").read_text() == "step_000004\n" and not (run / ".step_000004.tmp-staging").exists()
     assert (run / "step_000004" / "trainer_state.json").is_file()
 
@@ -264,12 +265,12 @@ def test_a_job_start_sweeps_what_killed_writes_left_and_nothing_else(tmp_path):
 
 
 def test_a_bad_model_path_leaves_no_run_dir_and_the_corrected_command_runs(tmp_path, capsys):
-    cfg = sft_config(tmp_path)
-    bad = BadInput("model", ["sft", str(cfg), f"model={tmp_path / 'no-model'}"], "checkpoint directory not found",
+    config = sft_config(tmp_path)
+    bad = BadInput("model", ["sft", str(config), f"model={tmp_path / 'no-model'}"], "checkpoint directory not found",
                    [tmp_path])  # fmt: skip
     run_bad_input(bad, capsys)
     assert not (tmp_path / "runs").exists()
-    assert main(["sft", str(cfg)]) == 0  # not refused as "differs in model"
+    assert main(["sft", str(config)]) == 0  # not refused as "differs in model"
 
 
 def _a_file(tmp_path: Path) -> Path:
@@ -295,11 +296,11 @@ def test_an_unwritable_output_directory_is_one_line_and_leaves_nothing(tmp_path,
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_a_read_only_run_dir_is_one_line(tmp_path, capsys):
-    cfg = sft_config(tmp_path)
+    config = sft_config(tmp_path)
     (tmp_path / "runs" / "r").mkdir(parents=True)
     (tmp_path / "runs" / "r").chmod(0o555)
     try:
-        run_bad_input(BadInput("read-only", ["sft", str(cfg)], "cannot create or write", [tmp_path]), capsys)
+        run_bad_input(BadInput("read-only", ["sft", str(config)], "cannot create or write", [tmp_path]), capsys)
     finally:
         (tmp_path / "runs" / "r").chmod(0o755)
 
@@ -307,7 +308,7 @@ def test_a_read_only_run_dir_is_one_line(tmp_path, capsys):
 def test_sft_refuses_several_ranks_instead_of_training_the_same_batches_on_each(monkeypatch, tmp_path, capsys):
     """Under torchrun (WORLD_SIZE=2) every rank would run identical steps and write one run dir twice."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = tmp_path / "sft.yaml"
+    config = tmp_path / "sft.yaml"
     data = tmp_path / "d.parquet"
-    cfg.write_text(f"run_name: r\nruns_root: {tmp_path / 'runs'}\nmodel: tiny\ndata: {{path: {data}}}\n")
-    run_bad_input(BadInput("sft x2", ["sft", str(cfg)], "single process", [tmp_path]), capsys)
+    config.write_text(f"run_name: r\nruns_root: {tmp_path / 'runs'}\nmodel: tiny\ndata: {{path: {data}}}\n")
+    run_bad_input(BadInput("sft x2", ["sft", str(config)], "single process", [tmp_path]), capsys)

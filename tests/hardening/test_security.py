@@ -62,9 +62,9 @@ def _rewards_yaml(tmp_path: Path, detector: str, args: dict | None = None) -> Pa
 
 def test_a_config_naming_os_system_as_detector_is_refused_and_runs_nothing(tmp_path, capsys):
     marker = tmp_path / "marker"
-    cfg = _rewards_yaml(tmp_path, "os:system", {"command": f"touch {shlex.quote(str(marker))}"})
+    config = _rewards_yaml(tmp_path, "os:system", {"command": f"touch {shlex.quote(str(marker))}"})
     line = run_bad_input(
-        BadInput("os:system", ["rewards", "check", str(cfg), "--load"], "unknown detector 'os:system'", [tmp_path]),
+        BadInput("os:system", ["rewards", "check", str(config), "--load"], "unknown detector 'os:system'", [tmp_path]),
         capsys,
     )
     assert "known: shapes" in line and "nextstep_align.geneval_detectors" in line
@@ -194,20 +194,20 @@ def _sft_job(tmp_path: Path) -> Path:
     Image.fromarray(np.full((64, 64, 3), (255, 0, 0), dtype=np.uint8)).save(buf, format="PNG")
     data = tmp_path / "pairs.parquet"
     pq.write_table(pa.table({"caption": ["a red square", "a red thing"], "image": [buf.getvalue()] * 2}), data)
-    cfg = tmp_path / "sft.yaml"
-    cfg.write_text(json.dumps({
+    config = tmp_path / "sft.yaml"
+    config.write_text(json.dumps({
         "run_name": "r", "runs_root": str(tmp_path / "runs"), "model": "tiny", "data": {"path": str(data)},
         "micro_batch_samples": 2, "checkpoint_every": 2, "keep_last": 2, "learner": {"lr": 1e-3, "zero_stage": 2},
     }))  # fmt: skip
-    return cfg
+    return config
 
 
 @pytest.mark.deepspeed
 def test_a_crafted_pickle_in_a_checkpoint_stops_the_resume_and_runs_nothing(tmp_path, capsys):
     from jobs.cli import main
 
-    cfg = _sft_job(tmp_path)
-    assert main(["sft", str(cfg), "steps=2"]) == 0
+    config = _sft_job(tmp_path)
+    assert main(["sft", str(config), "steps=2"]) == 0
     step = tmp_path / "runs" / "r" / "step_000002"
     engine = step / "engine" / "state"
     marker = tmp_path / "marker"
@@ -218,7 +218,7 @@ def test_a_crafted_pickle_in_a_checkpoint_stops_the_resume_and_runs_nothing(tmp_
             shutil.move(step / "rng_state.json", tmp_path / "rng_state.json")
         torch.save({"optimizer_state_dict": Payload(marker), "step_count": 0}, target)
         message = "old pickle format" if saved is None else "not loaded: it holds `posix.system`"
-        case = BadInput(name, ["sft", str(cfg), "steps=4"], message, [tmp_path / "runs"])
+        case = BadInput(name, ["sft", str(config), "steps=4"], message, [tmp_path / "runs"])
         run_bad_input(case, capsys)
         assert not marker.exists(), name
         if saved is None:
@@ -226,7 +226,7 @@ def test_a_crafted_pickle_in_a_checkpoint_stops_the_resume_and_runs_nothing(tmp_
             shutil.move(tmp_path / "rng_state.json", step / "rng_state.json")
         else:
             target.write_bytes(saved)
-    assert main(["sft", str(cfg), "steps=3"]) == 0  # the untouched checkpoint resumes through the same path
+    assert main(["sft", str(config), "steps=3"]) == 0  # the untouched checkpoint resumes through the same path
     assert (tmp_path / "runs" / "r" / "latest").read_text().strip() == "step_000003"
 
 

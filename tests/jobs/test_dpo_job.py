@@ -16,9 +16,10 @@ from alignment.learner_config import LearnerConfig
 from alignment.objectives import make_batch, pair_noise
 from base_model.checkpoint import load_checkpoint
 from base_model.sampler import SamplingConfig
+from core.formats import shard_name
 from jobs.cli import main
 from jobs.dpo import DpoConfig, DpoDataConfig, run_dpo, split_by_prompt
-from rollout.prefs_format import DATA_DIR, pairs_schema, png_bytes, read_pairs, shard_name
+from rollout.prefs_format import DATA_DIR, pairs_schema, png_bytes, read_pairs
 
 pytestmark = pytest.mark.deepspeed
 
@@ -172,15 +173,15 @@ def _one_line_exit_2(capsys, argv, expect):
 
 
 def test_bad_input_exits_2_with_one_line_and_no_run_dir(tmp_path, prefs, capsys):
-    cfg = tmp_path / "dpo.yaml"
-    cfg.write_text(f"run_name: x\nruns_root: {tmp_path}/runs\ndata: {{path: {prefs}}}\n")
-    _one_line_exit_2(capsys, ["dpo", str(cfg), "stepz=3"], "unknown key 'stepz'")
-    _one_line_exit_2(capsys, ["dpo", str(cfg), "beta=high"], "beta: expected a number")
-    _one_line_exit_2(capsys, ["dpo", str(cfg), "pairs_per_step=6", "micro_batch_pairs=4"], "pairs_per_step")
-    _one_line_exit_2(capsys, ["dpo", str(cfg), "data.path="], "data.path: required")
-    _one_line_exit_2(capsys, ["dpo", str(cfg), f"data.path={tmp_path}/nowhere"], "no preference shards")
-    _one_line_exit_2(capsys, ["dpo", str(cfg), "data.eval_fraction=1.5"], "eval_fraction")
-    _one_line_exit_2(capsys, ["dpo", str(cfg), "learner.lora={rank: 0}"], "learner.lora.rank")
+    config = tmp_path / "dpo.yaml"
+    config.write_text(f"run_name: x\nruns_root: {tmp_path}/runs\ndata: {{path: {prefs}}}\n")
+    _one_line_exit_2(capsys, ["dpo", str(config), "stepz=3"], "unknown key 'stepz'")
+    _one_line_exit_2(capsys, ["dpo", str(config), "beta=high"], "beta: expected a number")
+    _one_line_exit_2(capsys, ["dpo", str(config), "pairs_per_step=6", "micro_batch_pairs=4"], "pairs_per_step")
+    _one_line_exit_2(capsys, ["dpo", str(config), "data.path="], "data.path: required")
+    _one_line_exit_2(capsys, ["dpo", str(config), f"data.path={tmp_path}/nowhere"], "no preference shards")
+    _one_line_exit_2(capsys, ["dpo", str(config), "data.eval_fraction=1.5"], "eval_fraction")
+    _one_line_exit_2(capsys, ["dpo", str(config), "learner.lora={rank: 0}"], "learner.lora.rank")
     assert not (tmp_path / "runs" / "x").exists()
 
 

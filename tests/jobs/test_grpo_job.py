@@ -26,7 +26,7 @@ SOFT_VALUE = ROOT / "configs" / "grpo" / "tiny_soft_value.yaml"
 PROMPTS = ROOT / "configs" / "grpo" / "prompts_tiny.txt"
 
 
-def _cfg(tmp_path, name: str, *overrides: str) -> GrpoConfig:
+def _config(tmp_path, name: str, *overrides: str) -> GrpoConfig:
     base = [f"runs_root={tmp_path / 'runs'}", f"prompts={PROMPTS}", f"run_name={name}", "steps=4"]
     return load_config(GrpoConfig, TINY, [*base, *overrides])
 
@@ -89,7 +89,7 @@ def test_update_trains_the_prefix_on_soft_values_and_the_suffix_on_rewards():
     """One group of G = 2 with equal rewards [1, 1] but soft values [log 2, 0] (continuations [0, log 3]
     and [0, 0]): prefix updates see A = +-(log2/2) / (log2/2 + 1e-4); the suffix update drops the group."""
     trainer = GrpoTrainer.__new__(GrpoTrainer)  # only the update path: no pools, no model
-    trainer.cfg = load_config(GrpoConfig, SOFT_VALUE, ["samples_per_prompt=2", "prompts_per_step=1",
+    trainer.config = load_config(GrpoConfig, SOFT_VALUE, ["samples_per_prompt=2", "prompts_per_step=1",
                                                        "micro_batch_samples=2", "inner_epochs=2"])  # fmt: skip
     trainer.learner, trainer.state = _RecordingLearner(), TrainerState(step=1)  # updates 2 (prefix), 3 (suffix)
     batch = RolloutBatch(
@@ -116,7 +116,7 @@ def test_update_trains_the_prefix_on_soft_values_and_the_suffix_on_rewards():
     [
         (["stepz=3"], "unknown key 'stepz'"),
         (["sampling.sde_kind=ode"], "sampling.sde_kind"),
-        (["sampling.cfg_scale=3.0"], "train_with_cfg: sampling.cfg_scale=3.0 samples the guided policy"),
+        (["sampling.cfg_scale=3.0"], "train_with_guidance: sampling.cfg_scale=3.0 samples the guided policy"),
         (["micro_batch_samples=3"], "micro_batch_samples: 3 does not split"),
         (["beta=high"], "beta: expected a number"),
         (["kl_scale=flowgrpo"], "kl_scale: 'exact' or 'flow_grpo', got 'flowgrpo'"),
@@ -152,7 +152,7 @@ def test_bad_config_exits_2_with_one_line_and_no_run_dir(tmp_path, capsys, overr
 
 @pytest.mark.deepspeed
 def test_resume_equals_a_straight_run_and_health_metrics(tmp_path):
-    straight = run_grpo(_cfg(tmp_path, "straight"))
+    straight = run_grpo(_config(tmp_path, "straight"))
     rows = _rows(straight)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     first = rows[0]
@@ -167,8 +167,8 @@ def test_resume_equals_a_straight_run_and_health_metrics(tmp_path):
     state = json.loads((straight / "step_000004" / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["policy_version"] == 4 and state["consumed_prompts"] == 8
 
-    partial = run_grpo(_cfg(tmp_path, "resumed", "steps=2"))
-    run_grpo(_cfg(tmp_path, "resumed"))  # the same run continued to 4 steps
+    partial = run_grpo(_config(tmp_path, "resumed", "steps=2"))
+    run_grpo(_config(tmp_path, "resumed"))  # the same run continued to 4 steps
     a = load_checkpoint(straight / "step_000004" / "model").model.state_dict()
     b = load_checkpoint(partial / "step_000004" / "model").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -180,7 +180,7 @@ def test_resume_equals_a_straight_run_and_health_metrics(tmp_path):
 @pytest.mark.deepspeed
 @pytest.mark.ray
 def test_ray_rollout_pool_with_two_actors(tmp_path, ray_session):  # the session's Ray (2 CPUs)
-    ray_run = run_grpo(_cfg(tmp_path, "ray", "steps=2", "rollout.pool.kind=ray", "rollout.pool.num_workers=2",
+    ray_run = run_grpo(_config(tmp_path, "ray", "steps=2", "rollout.pool.kind=ray", "rollout.pool.num_workers=2",
                             "rollout.pool.num_cpus_per_worker=1"))  # fmt: skip
     rows = _rows(ray_run)
     assert [r["step"] for r in rows] == [1, 2] and (ray_run / "step_000002" / "model").is_dir()
@@ -204,17 +204,17 @@ def test_soft_value_run_logs_its_metrics_in_prefix_updates_only(tmp_path):
 
 
 def test_precision_note_warns_only_when_rollout_and_learner_dtypes_differ(tmp_path):
-    assert precision_note(_cfg(tmp_path, "same")) is None  # float32 rollouts, fp32 learner
-    note = precision_note(_cfg(tmp_path, "mixed", "rollout.dtype=bfloat16"))
+    assert precision_note(_config(tmp_path, "same")) is None  # float32 rollouts, fp32 learner
+    note = precision_note(_config(tmp_path, "mixed", "rollout.dtype=bfloat16"))
     assert note.startswith("grpo: warning: rollout.dtype bfloat16 but the learner runs in float32") and "\n" not in note
-    assert precision_note(_cfg(tmp_path, "both", "rollout.dtype=bfloat16", "learner.bf16=true")) is None
+    assert precision_note(_config(tmp_path, "both", "rollout.dtype=bfloat16", "learner.bf16=true")) is None
 
 
 @pytest.mark.deepspeed
 def test_cps_with_kl_trains_and_logs_the_on_policy_clip_share(tmp_path, capsys):
     """The issue's repro (`sampling.sde_kind=cps`, beta 0.01) used to stop on non-finite losses at the
     last CPS step (std 0); now every step updates, the KL is finite, and step 0's clipped share is logged."""
-    run = run_grpo(_cfg(tmp_path, "cps", "steps=2", "sampling.sde_kind=cps"))
+    run = run_grpo(_config(tmp_path, "cps", "steps=2", "sampling.sde_kind=cps"))
     rows = _rows(run)
     assert [r["policy_version"] for r in rows] == [1.0, 2.0] and all(r["train/skipped_nonfinite"] == 0 for r in rows)
     assert all(math.isfinite(r["grpo/kl"]) for r in rows) and rows[1]["grpo/kl"] > 0
@@ -225,4 +225,4 @@ def test_cps_with_kl_trains_and_logs_the_on_policy_clip_share(tmp_path, capsys):
 @pytest.mark.parametrize(("old", "new"), [("rollout_pool", "rollout.pool"), ("reward_pool", "rewards.pool")])
 def test_the_old_pool_keys_name_their_new_place(tmp_path, old, new):
     with pytest.raises(ConfigError, match=rf"\.{old}: this key is now {new} \(move its value there\)$"):
-        _cfg(tmp_path, "old", f"{old}={{kind: local}}")
+        _config(tmp_path, "old", f"{old}={{kind: local}}")

@@ -28,9 +28,9 @@ def _prompts(tmp_path: Path, n: int) -> Path:
     return path
 
 
-def _write(tmp_path: Path, name: str, cfg: dict) -> str:
+def _write(tmp_path: Path, name: str, config: dict) -> str:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return str(path)
 
 
@@ -43,7 +43,7 @@ def _metrics(run: Path) -> list[dict]:
 @pytest.mark.parametrize("direction", ["compressibility", "incompressibility"])
 def test_grpo_follows_the_jpeg_reward_in_either_direction(tmp_path, direction):
     # both directions: a run that merely degrades the model (smoother, smaller images) passes one, not both
-    cfg = {
+    config = {
         "run_name": "grpo_jpeg", "runs_root": str(tmp_path / "runs"), "model": str(PRETRAINED),
         "prompts": str(_prompts(tmp_path, 8)),
         "sampling": {"image_size": 64, "cfg_scale": 1.0, "num_head_steps": 6, "sde_kind": "sde",
@@ -54,7 +54,7 @@ def test_grpo_follows_the_jpeg_reward_in_either_direction(tmp_path, direction):
         "clip_eps": 1e-4, "beta": 0.0, "learner": {"lr": 1e-3, "zero_stage": 0},
         "checkpoint_every": 100, "keep_last": 1,
     }  # fmt: skip
-    assert main(["grpo", _write(tmp_path, "grpo", cfg)]) == 0
+    assert main(["grpo", _write(tmp_path, "grpo", config)]) == 0
     sizes = [m["reward/jpeg/size_kb/mean"] for m in _metrics(tmp_path / "runs" / "grpo_jpeg") if "reward/mean" in m]
     first, last = sum(sizes[:4]) / 4, sum(sizes[-4:]) / 4  # 128 images each
     # measured: compressibility 2.07 -> 1.48 kB, incompressibility 2.35 -> 3.84 kB; a 128-image mean's spread ~0.03 kB

@@ -17,9 +17,9 @@ EVAL_TINY = ROOT / "configs" / "evaluate" / "tiny.yaml"
 
 
 def _pipeline(tmp_path: Path, stages: list[dict], **extra) -> str:
-    cfg = {"out_dir": str(tmp_path / "pipe"), "stages": stages, **extra}
+    config = {"out_dir": str(tmp_path / "pipe"), "stages": stages, **extra}
     path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return str(path)
 
 

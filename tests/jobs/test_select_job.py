@@ -44,17 +44,17 @@ def _config(tmp_path: Path, run: Path, *extra: str) -> SelectConfig:
     return load_config(SelectConfig, CONFIG, overrides)
 
 
-def _write_scores(cfg: SelectConfig, run: Path, gains: dict[str, float], collapsed: set[str]) -> None:
+def _write_scores(config: SelectConfig, run: Path, gains: dict[str, float], collapsed: set[str]) -> None:
     """Hand-made evaluation results: jpeg = gain + 0.1 * sample index; `collapsed` checkpoints draw the
     same image for every seed of a prompt (zero diversity); the others draw random images."""
-    out = prepare_out_dir(cfg.eval, run / "select" / "eval")
+    out = prepare_out_dir(config.eval, run / "select" / "eval")
     rng = np.random.default_rng(0)
-    names = [r.name for r in cfg.eval.rewards.rewards] + ["composite"]
+    names = [r.name for r in config.eval.rewards.rewards] + ["composite"]
     for name, gain in gains.items():
         rows = []
-        for p in load_prompts(cfg.eval.prompts.path):
+        for p in load_prompts(config.eval.prompts.path):
             same = torch.from_numpy(rng.integers(0, 255, (3, 32, 32), dtype=np.uint8))
-            for s in range(cfg.eval.samples_per_prompt):
+            for s in range(config.eval.samples_per_prompt):
                 img = same if name in collapsed else torch.from_numpy(rng.integers(0, 255, (3, 32, 32), dtype=np.uint8))
                 score = gain + 0.1 * s
                 rows.append({"checkpoint": name, "prompt_id": p.id, "prompt": p.text, "sample_index": s, "seed": s,
@@ -64,9 +64,9 @@ def _write_scores(cfg: SelectConfig, run: Path, gains: dict[str, float], collaps
 
 def test_best_reward_checkpoint_failing_the_diversity_guard_is_not_chosen(tmp_path):
     run = make_tiny_run(tmp_path / "run")
-    cfg = _config(tmp_path, run, "soup.enabled=false", "heldout.path=")
-    _write_scores(cfg, run, {"base": 0.0, "step_000001": 1.0, "step_000002": 2.0}, collapsed={"step_000002"})
-    run_select(cfg)  # every shard exists: nothing is sampled
+    config = _config(tmp_path, run, "soup.enabled=false", "heldout.path=")
+    _write_scores(config, run, {"base": 0.0, "step_000001": 1.0, "step_000002": 2.0}, collapsed={"step_000002"})
+    run_select(config)  # every shard exists: nothing is sampled
     report = json.loads((run / "selection.json").read_text())
     assert report["ranking"] == ["step_000002", "step_000001", "base"]
     figs = report["candidates"]
@@ -85,9 +85,9 @@ def test_best_reward_checkpoint_failing_the_diversity_guard_is_not_chosen(tmp_pa
 def test_ema_weights_become_a_candidate(tmp_path):
     run = make_tiny_run(tmp_path / "run", steps=(1,))
     save_checkpoint(build_random("tiny", seed=0), run / "step_000001" / "ema")
-    cfg = _config(tmp_path, run, "soup.enabled=false")
-    _write_scores(cfg, run, {"base": 0.0, "step_000001": -1.0, "ema": 0.5}, collapsed=set())
-    run_select(cfg)
+    config = _config(tmp_path, run, "soup.enabled=false")
+    _write_scores(config, run, {"base": 0.0, "step_000001": -1.0, "ema": 0.5}, collapsed=set())
+    run_select(config)
     report = json.loads((run / "selection.json").read_text())
     assert report["chosen"] == "ema" and report["candidates"]["ema"]["path"].endswith("step_000001/ema")
     assert report["candidates"]["step_000001"]["failed_guards"] == ["win rate vs base 0.000 < 0.5"]

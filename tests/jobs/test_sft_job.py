@@ -65,7 +65,7 @@ def shards(tmp_path):
     return tmp_path / "shards" / "shard-{000000..000001}.tar"
 
 
-def _cfg(tmp_path, data, name, steps, caption_dropout=0.0):
+def _config(tmp_path, data, name, steps, caption_dropout=0.0):
     return SftConfig(
         run_name=name, runs_root=str(tmp_path / "runs"), data=SftDataConfig(path=str(data)), steps=steps,
         micro_batch_samples=2, checkpoint_every=2, keep_last=2, learner=LearnerConfig(lr=1e-3, zero_stage=2),
@@ -82,10 +82,10 @@ def test_sample_order_is_an_endless_seeded_stream():
 @pytest.mark.parametrize("input_format", ["data", "shards"])  # Parquet, WebDataset
 def test_sft_resume_equals_a_straight_run(tmp_path, request, input_format):
     data = request.getfixturevalue(input_format)
-    straight = run_sft(_cfg(tmp_path, data, "straight", 4))
-    partial = run_sft(_cfg(tmp_path, data, "resumed", 2))
+    straight = run_sft(_config(tmp_path, data, "straight", 4))
+    partial = run_sft(_config(tmp_path, data, "resumed", 2))
     assert (partial / "latest").read_text().strip() == "step_000002"
-    run_sft(_cfg(tmp_path, data, "resumed", 4))  # same run name: continues from step 2
+    run_sft(_config(tmp_path, data, "resumed", 4))  # same run name: continues from step 2
     a = load_checkpoint(straight / "step_000004" / "model").model.state_dict()
     b = load_checkpoint(tmp_path / "runs" / "resumed" / "step_000004" / "model").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -103,10 +103,10 @@ def test_dropped_captions_depend_only_on_the_stream_position():
 
 
 def test_caption_dropout_trains_differently_and_resumes_exactly(tmp_path, data):
-    plain = run_sft(_cfg(tmp_path, data, "plain", 4))
-    straight = run_sft(_cfg(tmp_path, data, "straight", 4, caption_dropout=0.5))
-    run_sft(_cfg(tmp_path, data, "resumed", 2, caption_dropout=0.5))
-    resumed = run_sft(_cfg(tmp_path, data, "resumed", 4, caption_dropout=0.5))
+    plain = run_sft(_config(tmp_path, data, "plain", 4))
+    straight = run_sft(_config(tmp_path, data, "straight", 4, caption_dropout=0.5))
+    run_sft(_config(tmp_path, data, "resumed", 2, caption_dropout=0.5))
+    resumed = run_sft(_config(tmp_path, data, "resumed", 4, caption_dropout=0.5))
     a, b, c = (load_checkpoint(r / "step_000004" / "model").model.state_dict() for r in (straight, resumed, plain))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
@@ -128,9 +128,9 @@ def test_bad_config_and_missing_data_exit_2(tmp_path, capsys):
 
 def test_zero3_publishes_the_full_trained_weights(tmp_path, data):
     """Under ZeRO-3 the engine's module holds empty partitions: the checkpoint must hold gathered weights."""
-    cfg = _cfg(tmp_path, data, "z3", 1)
-    cfg.learner.zero_stage = 3
-    run = run_sft(cfg)
+    config = _config(tmp_path, data, "z3", 1)
+    config.learner.zero_stage = 3
+    run = run_sft(config)
     start = build_random("tiny").model.state_dict()
     saved = load_checkpoint(run / "step_000001" / "model").model.state_dict()  # loads: every shape is full
     assert any(not torch.equal(start[k], saved[k]) for k in start)  # and it is the trained model
@@ -139,11 +139,11 @@ def test_zero3_publishes_the_full_trained_weights(tmp_path, data):
 def test_ema_weights_follow_the_formula_and_survive_a_resume(tmp_path, data):
     """ema_2 = d (d w0 + (1 - d) w1) + (1 - d) w2 with w_k the weights after step k; step 2 is a resumed run."""
     d = 0.9
-    cfg = _cfg(tmp_path, data, "ema", 1)
-    cfg.checkpoint_every, cfg.keep_last, cfg.ema_decay = 1, 5, d
-    run = run_sft(cfg)
-    cfg.steps = 2
-    run_sft(cfg)  # the same command with more steps: resumes the EMA from step_000001/ema
+    config = _config(tmp_path, data, "ema", 1)
+    config.checkpoint_every, config.keep_last, config.ema_decay = 1, 5, d
+    run = run_sft(config)
+    config.steps = 2
+    run_sft(config)  # the same command with more steps: resumes the EMA from step_000001/ema
     w0 = build_random("tiny").model.state_dict()
     w1, w2, ema = (load_checkpoint(run / f).model.state_dict() for f in ("step_000001/model", "step_000002/model",
                                                                           "step_000002/ema"))  # fmt: skip
@@ -173,10 +173,10 @@ def test_tar_shards_read_the_same_pairs_as_parquet(tmp_path, data, shards):
 
 
 def test_sft_end_to_end_on_tar_shards(tmp_path, shards, capsys):
-    cfg = tmp_path / "sft.yaml"
-    cfg.write_text(f"run_name: wds\nruns_root: {tmp_path}/runs\ndata: {{path: '{shards.parent}'}}\nsteps: 1\n"
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"run_name: wds\nruns_root: {tmp_path}/runs\ndata: {{path: '{shards.parent}'}}\nsteps: 1\n"
                    "micro_batch_samples: 2\ncheckpoint_every: 1\nlearner: {lr: 1.0e-3}\n")  # fmt: skip
-    assert main(["sft", str(cfg)]) == 0
+    assert main(["sft", str(config)]) == 0
     assert "sft: 3 pairs" in capsys.readouterr().out
     run = tmp_path / "runs" / "wds"
     assert (run / "latest").read_text().strip() == "step_000001"
@@ -198,10 +198,10 @@ def test_bad_tar_input_exits_2_before_the_run_dir(tmp_path, capsys, files, messa
     shard = tmp_path / "shard-000000.tar"
     if files != "missing":
         _write_tar(shard, files)
-    cfg = tmp_path / "sft.yaml"
+    config = tmp_path / "sft.yaml"
     pattern = f"{tmp_path}/shard-{{000000..000000}}.tar"
-    cfg.write_text(f"run_name: x\nruns_root: {tmp_path}/runs\ndata: {{path: '{pattern}'}}\n")
-    assert main(["sft", str(cfg)]) == 2
+    config.write_text(f"run_name: x\nruns_root: {tmp_path}/runs\ndata: {{path: '{pattern}'}}\n")
+    assert main(["sft", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("nsalign sft: error: ") and message in err and "\n" not in err, err
     assert not (tmp_path / "runs").exists()

@@ -117,8 +117,8 @@ def test_check_load_finds_a_mismatched_checkpoint(tmp_path, bert_vocab_dir, caps
     assert main(["rewards", "check", str(path)]) == 0  # the files are there
     assert main(["rewards", "check", str(path), "--load"]) == 2
     assert "med_config lacks keys" in capsys.readouterr().err
-    cfg = ImageRewardConfig(str(tmp_path / "ImageReward.pt"), None, bert_vocab_dir, size="tiny")
-    assert cfg.files()  # the published pair is always listed for init: checkpoint
+    config = ImageRewardConfig(str(tmp_path / "ImageReward.pt"), None, bert_vocab_dir, size="tiny")
+    assert config.files()  # the published pair is always listed for init: checkpoint
 
 
 def test_check_reads_a_section_of_a_job_config(tmp_path, capsys):

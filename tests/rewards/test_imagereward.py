@@ -103,19 +103,19 @@ def test_published_layout_checkpoint_loads_exactly(tiny, bert_vocab_dir, tmp_pat
     assert set(extra) == set(PUBLISHED_UNUSED_KEYS)
     torch.save({**state, **extra}, tmp_path / "ImageReward.pt")
     (tmp_path / "med_config.json").write_text(json.dumps({**MED_CONFIG_TINY, "encoder_width": 768}))
-    cfg = Config(str(tmp_path / "ImageReward.pt"), str(tmp_path / "med_config.json"), bert_vocab_dir, size="tiny")
-    loaded = build(cfg, CPU, torch.float32)
+    config = Config(str(tmp_path / "ImageReward.pt"), str(tmp_path / "med_config.json"), bert_vocab_dir, size="tiny")
+    loaded = build(config, CPU, torch.float32)
     for key, value in loaded.model.state_dict().items():
         torch.testing.assert_close(value, state[key])
 
     del state["mlp.layers.7.bias"]
     torch.save(state, tmp_path / "broken.pt")
-    cfg.checkpoint = str(tmp_path / "broken.pt")
+    config.checkpoint = str(tmp_path / "broken.pt")
     with pytest.raises(CheckpointError, match=r"broken\.pt: 1 missing keys: mlp\.layers\.7\.bias"):
-        build(cfg, CPU, torch.float32)
-    cfg.checkpoint = str(tmp_path / "absent.pt")
+        build(config, CPU, torch.float32)
+    config.checkpoint = str(tmp_path / "absent.pt")
     with pytest.raises(CheckpointError, match=r"absent\.pt \(published: hub THUDM/ImageReward"):
-        build(cfg, CPU, torch.float32)
+        build(config, CPU, torch.float32)
 
 
 class _Recorder:

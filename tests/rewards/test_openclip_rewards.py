@@ -98,11 +98,11 @@ def test_clipscore_checkpoint_training_layout_and_errors(tmp_path):
 
 
 def test_pretrained_tag_sets_quick_gelu_preprocessing_and_source():
-    cfg = from_dict(ClipConfig, {"model_name": "ViT-L-14", "pretrained_tag": "openai", "checkpoint": "x.bin"}, "r")
-    assert cfg.preprocessing() == ("shortest", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    assert "timm/vit_large_patch14_clip_224.openai" in cfg.files()[0].source
+    config = from_dict(ClipConfig, {"model_name": "ViT-L-14", "pretrained_tag": "openai", "checkpoint": "x.bin"}, "r")
+    assert config.preprocessing() == ("shortest", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    assert "timm/vit_large_patch14_clip_224.openai" in config.files()[0].source
     with torch.device("meta"):
-        model = build_open_clip("ViT-L-14", "full", quick_gelu=cfg.tag_config()["quick_gelu"])
+        model = build_open_clip("ViT-L-14", "full", quick_gelu=config.tag_config()["quick_gelu"])
     assert type(model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"  # OpenAI weights need it
     with pytest.raises(ConfigError, match="pretrained_tag: 'lion' is not one of openai"):
         from_dict(ClipConfig, {"model_name": "ViT-L-14", "pretrained_tag": "lion", "checkpoint": "x"}, "r")

@@ -48,15 +48,15 @@ def test_pickscore_tokenizer_is_the_fast_one_as_autoprocessor(clip_processor_dir
 
 @pytest.fixture(scope="module")
 def tiny_pick(clip_processor_dir):
-    cfg = pickscore.Config(processor_dir=clip_processor_dir, size="tiny", init="random", divisor=26.0)
-    return pickscore.build(cfg, CPU, torch.float32)
+    config = pickscore.Config(processor_dir=clip_processor_dir, size="tiny", init="random", divisor=26.0)
+    return pickscore.build(config, CPU, torch.float32)
 
 
 def test_pickscore_is_logit_scale_times_cosine(clip_processor_dir, monkeypatch):
     # Hand-set embeddings with cosine 0.6 and logit scale exp(log 100) = 100 -> raw 60, trained on 60 / 26.
     # A model of its own: the module's `tiny_pick` stays untouched for the tests after this one.
-    cfg = pickscore.Config(processor_dir=clip_processor_dir, size="tiny", init="random", divisor=26.0)
-    pick = pickscore.build(cfg, CPU, torch.float32)
+    config = pickscore.Config(processor_dir=clip_processor_dir, size="tiny", init="random", divisor=26.0)
+    pick = pickscore.build(config, CPU, torch.float32)
     model = pick.model
     monkeypatch.setattr(model, "get_image_features", lambda pixel_values: torch.tensor([[3.0, 0.0]]))
     monkeypatch.setattr(model, "get_text_features", lambda **kw: torch.tensor([[0.6, 0.8]]))
@@ -70,8 +70,8 @@ def test_pickscore_is_logit_scale_times_cosine(clip_processor_dir, monkeypatch):
 
 def test_pickscore_loads_a_local_model_dir_strictly(tiny_pick, clip_processor_dir, tmp_path):
     tiny_pick.model.save_pretrained(tmp_path / "model")
-    cfg = pickscore.Config(model_dir=str(tmp_path / "model"), processor_dir=clip_processor_dir)
-    loaded = pickscore.build(cfg, CPU, torch.float32)
+    config = pickscore.Config(model_dir=str(tmp_path / "model"), processor_dir=clip_processor_dir)
+    loaded = pickscore.build(config, CPU, torch.float32)
     images, prompts = random_images(2, 80, 60), ["a red car", "a dog"]
     torch.testing.assert_close(loaded(images, prompts).scores, tiny_pick(images, prompts).scores * 26.0)
     with pytest.raises(CheckpointError, match="PickScore model directory not found"):
@@ -104,12 +104,12 @@ def test_aesthetic_checkpoints_in_published_layout(tmp_path):
     mlp_state = reference.model.mlp.state_dict()
     assert sorted(mlp_state) == sorted(f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias"))
     torch.save(mlp_state, tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
-    cfg = aesthetic.Config(str(tmp_path / "sac+logos+ava1-l14-linearMSE.pth"), str(tmp_path / "clip"))
-    loaded = aesthetic.build(cfg, CPU, torch.float32)
+    config = aesthetic.Config(str(tmp_path / "sac+logos+ava1-l14-linearMSE.pth"), str(tmp_path / "clip"))
+    loaded = aesthetic.build(config, CPU, torch.float32)
     images = random_images(3, 70, 70)
     torch.testing.assert_close(loaded(images, [""] * 3).scores, reference(images, [""] * 3).scores)
 
     torch.save({"layers.0.weight": mlp_state["layers.0.weight"]}, tmp_path / "partial.pth")
-    cfg.mlp_checkpoint = str(tmp_path / "partial.pth")
+    config.mlp_checkpoint = str(tmp_path / "partial.pth")
     with pytest.raises(CheckpointError, match="partial.pth: 9 missing keys"):
-        aesthetic.build(cfg, CPU, torch.float32)
+        aesthetic.build(config, CPU, torch.float32)

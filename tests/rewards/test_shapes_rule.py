@@ -17,8 +17,8 @@ TWO = Spec((("green", "triangle"), ("green", "triangle")))  # "two green triangl
 
 def _reward(tmp_path, score="strict"):
     metadata = write_metadata(all_specs(list(COLORS), list(SHAPES)), tmp_path / "metadata.jsonl")
-    cfg = from_dict(RewardsConfig, rewards_config(metadata, score))
-    return build_reward(cfg.rewards[0])
+    config = from_dict(RewardsConfig, rewards_config(metadata, score))
+    return build_reward(config.rewards[0])
 
 
 def _image(*objects: Placed) -> torch.Tensor:

@@ -25,9 +25,9 @@ def test_reconstruction_loss_by_hand():
 
 
 def test_lr_warms_up_then_decays_to_a_tenth():
-    cfg = VaeTrainConfig(steps=100, warmup_steps=10, lr=1.0)
-    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(10, cfg) == pytest.approx(1.0)
-    assert lr_at(100, cfg) == pytest.approx(0.1)
+    config = VaeTrainConfig(steps=100, warmup_steps=10, lr=1.0)
+    assert lr_at(0, config) == pytest.approx(0.1) and lr_at(10, config) == pytest.approx(1.0)
+    assert lr_at(100, config) == pytest.approx(0.1)
 
 
 @pytest.fixture
@@ -41,12 +41,12 @@ def one_thread():
 
 def test_a_few_steps_reduce_the_reconstruction_error(tmp_path, one_thread):
     images = world_images(WorldDataConfig(num_pretrain=16))[:, :, 16:48, 16:48]  # 32 x 32 crops: cheaper
-    cfg = VaeTrainConfig(arch=TINY, steps=8, batch_images=4, lr=3e-3, warmup_steps=1)
+    config = VaeTrainConfig(arch=TINY, steps=8, batch_images=4, lr=3e-3, warmup_steps=1)
     untrained = torch.nn.functional.l1_loss(
         reconstruct(train_vae(VaeTrainConfig(arch=TINY, steps=1, lr=1e-12), images, 0)[0], images).float(),
         images.float(),
     )
-    vae, losses = train_vae(cfg, images, log_every=0)
+    vae, losses = train_vae(config, images, log_every=0)
     assert len(losses) == 8 and sum(losses[-3:]) < sum(losses[:3])
     trained = torch.nn.functional.l1_loss(reconstruct(vae, images).float(), images.float())
     assert trained < untrained

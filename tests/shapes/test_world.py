@@ -85,37 +85,37 @@ def test_corrupt_changes_a_colour_or_flips_the_relation():
 
 @pytest.mark.parametrize("share", [0.0, 0.25, 0.3])
 def test_noisy_caption_share_is_the_configured_one(share):
-    cfg = WorldDataConfig(num_pretrain=200, noise_share=share)
-    rows = image_split(cfg, "pretrain")
+    config = WorldDataConfig(num_pretrain=200, noise_share=share)
+    rows = image_split(config, "pretrain")
     noisy = [r for r in rows if r.noisy]
     assert len(noisy) == round(share * 200)
     assert all(r.caption != caption(r.scene.spec) for r in noisy)
     assert all(r.caption == caption(r.scene.spec) for r in rows if not r.noisy)
-    assert not any(r.noisy for r in image_split(cfg, "sft"))
+    assert not any(r.noisy for r in image_split(config, "sft"))
 
 
 def test_splits_are_deterministic_and_eval_captions_are_held_out():
-    cfg = WorldDataConfig(num_pretrain=100, num_sft=300, num_prefs=200, num_eval=40)
-    pools = partition(cfg)
+    config = WorldDataConfig(num_pretrain=100, num_sft=300, num_prefs=200, num_eval=40)
+    pools = partition(config)
     held_out = {caption(s) for kind in pools["eval"].values() for s in kind}
-    sft = image_split(cfg, "sft")
-    prefs, evals = prompt_split(cfg, "prefs"), prompt_split(cfg, "eval")
+    sft = image_split(config, "sft")
+    prefs, evals = prompt_split(config, "prefs"), prompt_split(config, "eval")
     assert held_out and not held_out & {r.caption for r in sft + prefs}
     assert {r.caption for r in evals} <= held_out and len({r.caption for r in evals}) == 40
     assert len({r.caption for r in prefs}) == 200
-    heldout = image_split(cfg, "heldout")  # clean images of held-out captions, for drift guards only
+    heldout = image_split(config, "heldout")  # clean images of held-out captions, for drift guards only
     assert {r.caption for r in heldout} <= held_out and not any(r.noisy for r in heldout)
     assert all(r.caption == caption(r.scene.spec) for r in heldout)
     assert {r.spec.kind for r in evals} == {"single", "counting", "position"}
-    again = image_split(cfg, "sft")
+    again = image_split(config, "sft")
     assert [(r.caption, r.scene) for r in sft] == [(r.caption, r.scene) for r in again]
     other = image_split(WorldDataConfig(seed=1, num_sft=300), "sft")
     assert [r.scene for r in other] != [r.scene for r in sft]
 
 
 def test_writers_produce_the_sft_parquet_and_geneval_jsonl(tmp_path):
-    cfg = WorldDataConfig(num_pretrain=20, noise_share=0.5)
-    rows = image_split(cfg, "pretrain")
+    config = WorldDataConfig(num_pretrain=20, noise_share=0.5)
+    rows = image_split(config, "pretrain")
     table = pq.read_table(write_parquet(rows, tmp_path / "p.parquet"))
     assert table.column_names[:2] == ["caption", "image"] and table.num_rows == 20
     from alignment.sft_data import SftDataConfig, load_pairs

@@ -1,0 +1,168 @@
+"""The `nsalign grpo` config: sizes, the objective's knobs, the pools and the learner, checked at load.
+
+clip_eps bounds the ratio exp(log pi - log pi_old) of one (token, head step) cell. With
+`sampling.logprob_reduction: mean` (published RL code) the log-ratio is averaged over the 64 latent
+dims and the published range is 1e-4; with `sum` (the exact likelihood) the log-ratio is 64x larger,
+so the same per-dim range is 64e-4. Leave clip_eps empty to get exactly that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from alignment.learner_config import LearnerConfig
+from alignment.train_parts import GroupFilterConfig, TrainPartConfig
+from base_model.sampler import SamplingConfig
+from base_model.sequence import check_sequence_fits, model_max_positions
+from core.errors import ConfigError
+from rewards.base import RewardsConfig
+from rollout.worker import RolloutConfig
+
+LATENT_DIM = 64
+
+
+@dataclass
+class GrpoConfig:
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {
+        "rollout_pool": "rollout.pool",
+        "reward_pool": "rewards.pool",
+        "train_with_cfg": "train_with_guidance",
+    }
+
+    run_name: str = "grpo"
+    runs_root: str = "runs"
+    model: str = "tiny"  # checkpoint directory or a random preset (tiny, mid)
+    prompts: str = ""  # prompt file (.txt/.jsonl/.json/.tsv/.parquet)
+    prompt_field: str = "prompt"
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)  # its pool: the reward workers
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # its pool: the rollout workers
+    steps: int = 100  # GRPO steps (rollout batches)
+    prompts_per_step: int = 8  # P
+    samples_per_prompt: int = 16  # G, the group size
+    micro_batch_samples: int = 8  # samples per learner forward/backward
+    inner_epochs: int = 1  # optimizer updates per rollout batch (1: strictly on-policy)
+    clip_eps: float | None = None  # None: 1e-4 per latent dim (module docstring)
+    beta: float = 0.04  # KL to the frozen reference; 0 skips the reference model
+    # exact: KL summed over the 64 dims with the step's true variance; flow_grpo: flow_grpo's scale (mean
+    # over dims, sde variance without dt: D / dt = 640x smaller at K = 10), where its published beta applies
+    kl_scale: str = "exact"
+    # group: each group's std; global_std: flow_grpo's std of all raw rewards of the step; batch: RMS of
+    # the within-group-centred rewards; none: centred rewards only
+    advantage_scale: str = "group"
+    train_with_guidance: bool = False  # NextStep-1.1 trains without CFG
+    timestep_fraction: float = 1.0  # share of head steps trained per step (DanceGRPO 0.6)
+    group_filter: GroupFilterConfig = field(default_factory=GroupFilterConfig)
+    train_part: TrainPartConfig = field(default_factory=TrainPartConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    checkpoint_every: int = 50
+    keep_last: int = 3
+    seed: int = 0
+    tensorboard: bool = False
+    wandb: bool = False
+
+    def validate(self, where: str = "config") -> None:
+        if not self.prompts:
+            raise ConfigError(f"{where}.prompts: required (a prompt file)")
+        if self.sampling.sde_kind == "ode":
+            raise ConfigError(f"{where}.sampling.sde_kind: 'ode' has no log-probs; GRPO needs 'sde' or 'cps'")
+        for name in ("steps", "prompts_per_step", "micro_batch_samples", "inner_epochs", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.samples_per_prompt < 2:
+            raise ConfigError(f"{where}.samples_per_prompt: a group needs >= 2 samples, got {self.samples_per_prompt}")
+        self._validate_sizes(where)
+        check_sequence_fits(self.sampling.max_prompt_tokens, (self.sampling.image_size,) * 2,
+                            model_max_positions(self.model), f"{where}.sampling.max_prompt_tokens")  # fmt: skip
+        if self.clip_eps is not None and self.clip_eps <= 0:
+            raise ConfigError(f"{where}.clip_eps: must be > 0, got {self.clip_eps}")
+        if self.beta < 0:
+            raise ConfigError(f"{where}.beta: must be >= 0, got {self.beta}")
+        if self.advantage_scale not in ("group", "global_std", "batch", "none"):
+            raise ConfigError(
+                f"{where}.advantage_scale: 'group', 'global_std', 'batch' or 'none', got {self.advantage_scale!r}"
+            )
+        if self.kl_scale not in ("exact", "flow_grpo"):
+            raise ConfigError(f"{where}.kl_scale: 'exact' or 'flow_grpo', got {self.kl_scale!r}")
+        if self.sampling.uses_guidance and not self.train_with_guidance:
+            raise ConfigError(
+                f"{where}.train_with_guidance: sampling.cfg_scale={self.sampling.cfg_scale} samples the "
+                "guided policy, so its log-probs must be re-scored with both branches; "
+                "set train_with_guidance: true (or cfg_scale: 1.0)"
+            )
+        if not 0.0 < self.timestep_fraction <= 1.0:
+            raise ConfigError(f"{where}.timestep_fraction: must be in (0, 1], got {self.timestep_fraction}")
+        if self.rollout.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"{where}.rollout.dtype: 'float32' or 'bfloat16', got {self.rollout.dtype!r}")
+        running = [r.name for r in self.rewards.rewards if r.normalize.kind == "running"]
+        if running and self.rewards.pool.num_workers > 1:
+            raise ConfigError(
+                f"{where}.rewards.pool.num_workers: running normalisation ({running[0]}) needs one reward worker, "
+                "so that every score of a group is normalised by the same statistics"
+            )
+        self.train_part.check_grid(self.num_image_tokens, self.sampling.num_scored_steps, f"{where}.train_part")
+
+    def _validate_sizes(self, where: str) -> None:
+        total, mb, g = self.samples_per_step, self.micro_batch_samples, self.samples_per_prompt
+        if total % mb:
+            divisors = [d for d in range(1, total + 1) if total % d == 0 and (d % g == 0 or g % d == 0)]
+            raise ConfigError(
+                f"{where}.micro_batch_samples: {mb} does not split prompts_per_step x samples_per_prompt = "
+                f"{self.prompts_per_step} x {g} = {total} samples; use one of {divisors}"
+            )
+        if mb % g and g % mb:
+            raise ConfigError(
+                f"{where}.micro_batch_samples: {mb} must hold whole groups of samples_per_prompt = {g} "
+                f"or split one evenly (a multiple or a divisor of {g})"
+            )
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.prompts_per_step * self.samples_per_prompt
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.sampling.image_size // 16) ** 2
+
+    @property
+    def resolved_clip_eps(self) -> float:
+        if self.clip_eps is not None:
+            return self.clip_eps
+        return 1e-4 if self.sampling.logprob_reduction == "mean" else 1e-4 * LATENT_DIM
+
+
+def describe(config: GrpoConfig, num_prompts: int) -> str:
+    """The derived sizes, printed at start."""
+    s = config.sampling
+    steps_per_update = config.samples_per_step // config.micro_batch_samples
+    part = config.train_part
+    soft = (f" (prefix return: soft value of {part.soft_value_samples} continuations, eta {part.soft_value_eta:g})"
+            if part.soft_value_samples else "")  # fmt: skip
+    return (
+        f"grpo: {num_prompts} prompts; {config.prompts_per_step} prompts x {config.samples_per_prompt} samples = "
+        f"{config.samples_per_step} samples/step in up to {steps_per_update} micro batches "
+        f"of {config.micro_batch_samples}; "
+        f"{config.inner_epochs} update(s)/step; {config.num_image_tokens} tokens x {s.num_head_steps} head steps "
+        f"({s.time_grid} grid, {s.num_scored_steps} trained; {s.sde_kind}, log-prob {s.logprob_reduction}, "
+        f"clip_eps {config.resolved_clip_eps:g}); "
+        f"beta {config.beta:g} ({config.kl_scale} KL); "
+        f"train part {part.kind}{soft}; {config.rollout.pool.num_workers} {config.rollout.pool.kind} rollout / "
+        f"{config.rewards.pool.num_workers} {config.rewards.pool.kind} reward workers; {config.steps} steps"
+    )
+
+
+def precision_note(config: GrpoConfig) -> str | None:
+    """A one-line warning when rollouts and the learner run in different dtypes, else None.
+
+    The learner then re-scores each chain with other numerics than the sampler's, so the ratio is not
+    1 on an untouched policy (bf16 rollouts, fp32 learner: ~3e-3 mean log-prob gap, ~11% of cells
+    clipped before any update); `grpo/clip_frac_on_policy` and `grpo/logprob_diff` show how much.
+    """
+    learner = "bfloat16" if config.learner.bf16 else "float32"
+    if config.rollout.dtype == learner:
+        return None
+    return (
+        f"grpo: warning: rollout.dtype {config.rollout.dtype} but the learner runs in {learner} "
+        f"(learner.bf16: {config.learner.bf16}); log-probs differ before any update, see grpo/clip_frac_on_policy"
+    )

@@ -131,7 +131,7 @@ def greedy_soup(config: SelectConfig, out: Path, steps: list[tuple[str, str]], p
         soup_dir = out / soup_name / "model"
         if not (soup_dir / "config.json").is_file():
             soup_weights([s for _, s in trial], soup_dir)
-        evaluate_checkpoints(config.eval, out / "eval", [(soup_name, str(soup_dir))])
+        evaluate_checkpoints(config.eval, out / "eval", [(soup_name, str(soup_dir))], report_truncation=False)
         mean = primary_mean(soup_name)
         accepted = mean >= best
         trials.append({"name": soup_name, "ingredients": [n for n, _ in trial], "primary_mean": mean,

@@ -111,12 +111,15 @@ def check_names(out: Path, checkpoints: list[tuple[str, str]]) -> dict[str, str]
     return {**old, **new}
 
 
-def evaluate_checkpoints(settings: EvalSettings, out_dir: str | Path, checkpoints: list[tuple[str, str]]) -> Path:
-    """The job: score every (checkpoint, shard) that is not on disk yet. Returns the output directory."""
+def evaluate_checkpoints(
+    settings: EvalSettings, out_dir: str | Path, checkpoints: list[tuple[str, str]], report_truncation: bool = True
+) -> Path:
+    """The job: score every (checkpoint, shard) that is not on disk yet. Returns the output directory.
+    report_truncation=False: a later round over the same prompts (select's soups) does not repeat the count."""
     prompts = check_inputs(settings)  # prompt file and reward weight files, before anything is written
     for _, spec in checkpoints:  # shard headers too (select comes here as well): before any worker starts
         verify_model_spec(spec)
-    note = checkpoints and truncation_note(  # the checkpoints compared share one tokenizer
+    note = report_truncation and checkpoints and truncation_note(  # the checkpoints compared share one tokenizer
         "evaluate", "sampling.max_prompt_tokens", prompt_tokenizer(checkpoints[0][1]), [p.text for p in prompts],
         settings.sampling.max_prompt_tokens,
     )  # fmt: skip

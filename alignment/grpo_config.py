@@ -16,10 +16,41 @@ from alignment.train_parts import GroupFilterConfig, TrainPartConfig
 from base_model.sampler import SamplingConfig
 from base_model.sequence import check_sequence_fits, model_max_positions
 from core.errors import ConfigError
+from core.pools import PoolConfig
 from rewards.base import RewardsConfig
 from rollout.worker import RolloutConfig
 
 LATENT_DIM = 64
+SYNC_DTYPES = ("rollout", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class WeightSyncConfig:
+    """How a new policy reaches the rollout workers (alignment/weight_sync.py). With `learner_pool.kind: ray`
+    learner rank 0 broadcasts it over torch.distributed in flat buckets; in-process it is cast the same way."""
+
+    dtype: str = "rollout"  # bytes on the wire: rollout (the workers' own rollout.dtype), bfloat16, float16, float32
+    bucket_mb: float = 512.0  # one flat bucket broadcast at a time
+    backend: str = "auto"  # auto: nccl when rollout.device is CUDA (and not colocated), else gloo
+    timeout_s: float = 600.0  # the weight group's rendezvous and each broadcast
+    # rollout worker i and learner rank i time-share one GPU: both in bundle i of one placement group (its
+    # size: the two pools' per-actor CPU/GPU summed, fractions of one GPU); the sequence is in jobs/grpo.py.
+    # NCCL refuses two ranks on one GPU, so the weights then go over gloo (auto)
+    colocated: bool = False
+
+    def validate(self, where: str) -> None:
+        if self.dtype not in SYNC_DTYPES:
+            raise ConfigError(f"{where}.dtype: one of {', '.join(SYNC_DTYPES)}, got {self.dtype!r}")
+        if not self.bucket_mb > 0:
+            raise ConfigError(f"{where}.bucket_mb: must be > 0, got {self.bucket_mb}")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ConfigError(f"{where}.backend: 'auto', 'gloo' or 'nccl', got {self.backend!r}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"{where}.timeout_s: must be > 0, got {self.timeout_s}")
+
+    @property
+    def bucket_bytes(self) -> int:
+        return int(self.bucket_mb * 2**20)
 
 
 @dataclass
@@ -56,6 +87,11 @@ class GrpoConfig:
     group_filter: GroupFilterConfig = field(default_factory=GroupFilterConfig)
     train_part: TrainPartConfig = field(default_factory=TrainPartConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    # local: one learner in the driver; ray: num_workers learner ranks (Ray actors in one placement group,
+    # data-parallel over the micro batches), weights to the rollout workers by torch.distributed broadcast;
+    # max_restarts / max_task_retries do not apply to ranks: a lost rank ends the run (it resumes from latest)
+    learner_pool: PoolConfig = field(default_factory=PoolConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     checkpoint_every: int = 50
     keep_last: int = 3
     seed: int = 0
@@ -102,6 +138,28 @@ class GrpoConfig:
                 "so that every score of a group is normalised by the same statistics"
             )
         self.train_part.check_grid(self.num_image_tokens, self.sampling.num_scored_steps, f"{where}.train_part")
+        self._validate_placement(where)
+
+    def _validate_placement(self, where: str) -> None:
+        learners, rollout = self.learner_pool, self.rollout.pool
+        if learners.kind == "local" and learners.num_workers != 1:
+            raise ConfigError(f"{where}.learner_pool.num_workers: {learners.num_workers} learner ranks need "
+                              "learner_pool.kind: ray (local is the one learner in the driver)")  # fmt: skip
+        if learners.kind == "ray" and rollout.kind != "ray":
+            raise ConfigError(f"{where}.rollout.pool.kind: learner ranks on Ray broadcast weights to rollout workers "
+                              "in processes of their own; set rollout.pool.kind: ray")  # fmt: skip
+        if not self.weight_sync.colocated:
+            return
+        if learners.kind != "ray" or learners.num_workers != rollout.num_workers:
+            raise ConfigError(f"{where}.weight_sync.colocated: pairs learner rank i with rollout worker i; needs "
+                              "learner_pool.kind: ray and as many learner ranks as rollout workers")  # fmt: skip
+        shared = learners.num_gpus_per_worker + rollout.num_gpus_per_worker
+        if shared > 1.0 + 1e-9:
+            raise ConfigError(f"{where}.weight_sync.colocated: a learner rank and a rollout worker share one GPU; "
+                              f"their num_gpus_per_worker sum to {shared:g} (> 1), e.g. use 0.5 each")  # fmt: skip
+        if self.weight_sync.backend == "nccl":  # learner rank 0 and rollout worker 0 are on one GPU
+            raise ConfigError(f"{where}.weight_sync.backend: nccl cannot hold two ranks on one GPU, as colocated "
+                              "learner rank 0 and rollout worker 0 are; use auto (gloo)")  # fmt: skip
 
     def _validate_sizes(self, where: str) -> None:
         total, mb, g = self.samples_per_step, self.micro_batch_samples, self.samples_per_prompt
@@ -126,6 +184,17 @@ class GrpoConfig:
         return (self.sampling.image_size // 16) ** 2
 
     @property
+    def sync_dtype(self) -> str:
+        """The dtype weights travel in: `weight_sync.dtype`, or the rollout workers' own."""
+        return self.rollout.dtype if self.weight_sync.dtype == "rollout" else self.weight_sync.dtype
+
+    @property
+    def sync_backend(self) -> str:
+        if self.weight_sync.backend != "auto":
+            return self.weight_sync.backend
+        return "nccl" if self.rollout.device.startswith("cuda") and not self.weight_sync.colocated else "gloo"
+
+    @property
     def resolved_clip_eps(self) -> float:
         if self.clip_eps is not None:
             return self.clip_eps
@@ -148,7 +217,10 @@ def describe(config: GrpoConfig, num_prompts: int) -> str:
         f"clip_eps {config.resolved_clip_eps:g}); "
         f"beta {config.beta:g} ({config.kl_scale} KL); "
         f"train part {part.kind}{soft}; {config.rollout.pool.num_workers} {config.rollout.pool.kind} rollout / "
-        f"{config.rewards.pool.num_workers} {config.rewards.pool.kind} reward workers; {config.steps} steps"
+        f"{config.rewards.pool.num_workers} {config.rewards.pool.kind} reward workers / "
+        f"{config.learner_pool.num_workers} {config.learner_pool.kind} learner rank(s)"
+        f"{' (colocated)' if config.weight_sync.colocated else ''}, weights synced in {config.sync_dtype}; "
+        f"{config.steps} steps"
     )
 
 

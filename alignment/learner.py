@@ -2,21 +2,22 @@
 
 A job gives it micro batches and a loss function `loss_fn(model, micro_batch) -> (loss, metrics)`;
 the learner accumulates gradients over the micro batches of one optimizer step, clips, steps, and
-skips (and counts) a step whose loss is not finite. DeepSpeed is confined to this file (peft to alignment/lora.py).
-World size 1 on a CPU (gloo) up to many GPUs; ZeRO stage, bf16, clipping and the optimizer come
-from `LearnerConfig` (alignment/learner_config.py). Under a launcher (torchrun, deepspeed) every rank
-builds a Learner on its own share of the data; gradients are averaged by DeepSpeed and the returned
-metrics over the ranks.
+skips (and counts) a step whose loss is not finite. DeepSpeed is confined to this file and its two
+helpers, alignment/learner_state.py (sharded loading, engine state) and alignment/ranks.py (the process
+group); peft to alignment/lora.py. World size 1 on a CPU (gloo) up to many GPUs; ZeRO stage, bf16,
+offload, clipping and the optimizer come from `LearnerConfig` (alignment/learner_config.py). Under a
+launcher (torchrun, deepspeed) every rank builds a Learner on its own share of the data; gradients are
+averaged by DeepSpeed and the returned metrics over the ranks, through `all_reduce`, the learner's one
+collective, which puts its tensor on the engine's device and checks it is there (NCCL takes no CPU tensor).
+`Learner.from_source` builds the policy and the reference under ZeRO-3's zero.Init and loads them
+parameter by parameter, so no rank holds a whole fp32 model.
 
 Optional LoRA (`learner.lora`, through peft): adapters are injected into the model in place, only
-they train, `policy_weights()` returns the plain model's keys with the adapters merged in, and the
-frozen reference (`reference()`) is the same model with the adapters disabled.
+they train, `policy_weights()` (fp32 CPU dict, checkpoints) and `iter_policy()` (tensor by tensor on the
+device, weight sync) give the plain model's keys with the adapters merged in, and the frozen reference
+(`reference()`) is the same model with the adapters disabled.
 
-Network: a lone process (no launcher) opens no port reachable from outside. `init_distributed` sets up
-its world-size-1 group through an in-memory `HashStore` (env:// would start a TCPStore on MASTER_PORT,
-listening on every interface) and puts the backend's own sockets (gloo's listener, NCCL's bootstrap) on
-the loopback interface. Under a launcher (torchrun, deepspeed) DeepSpeed initialises env:// as the
-launcher set it up: that rendezvous listens on the network by design (torch's and the cluster's concern).
+Network: the process group is alignment/ranks.py (`init_distributed`).
 
 Trust: the engine state a resume reads (`step_N/engine/`, torch pickles written by DeepSpeed) is data
 that may come from elsewhere, and loading it runs no code: DeepSpeed's checkpoint engine is replaced by
@@ -28,116 +29,38 @@ with it is two ints.
 from __future__ import annotations
 
 import copy
-import functools
-import os
-import pickle
-import re
-import socket
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from alignment.learner_config import LearnerConfig, lr_lambda
+from alignment.learner_state import (
+    iter_policy,
+    load_parameters,
+    merged_state_dict,
+    policy_shapes,
+    read_world_record,
+    weights_only_checkpoint_engine,
+    world_size_change,
+    write_world_record,
+    zero_init,
+)
 from alignment.lora import apply_lora, lora_layers
-from core.errors import CheckpointError, ConfigError
+from alignment.ranks import init_distributed, launched  # noqa: F401  (launched: re-exported)
+from core.errors import CheckpointError
 
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
 
 
-def launched() -> bool:
-    """Whether a launcher (torchrun, the deepspeed launcher) started this process: it sets MASTER_ADDR and
-    MASTER_PORT, the rendezvous env:// reads. A lone process sets neither (ensure_single_process_env)."""
-    return "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
-
-
-def ensure_single_process_env() -> None:
-    """A lone process (no launcher): the rank variables jobs and DeepSpeed read. No MASTER_ADDR/MASTER_PORT:
-    its process group meets in memory (init_distributed), not over TCP."""
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
-        os.environ.setdefault(key, value)
-
-
-def loopback_interface() -> str:
-    """The name of the loopback network interface ("lo" on Linux)."""
-    names = [name for _, name in socket.if_nameindex()]
-    return next((n for n in ("lo", "lo0") if n in names), "lo")
-
-
-def init_distributed() -> None:
-    """torch.distributed, before deepspeed.initialize: DeepSpeed's comm layer then reuses this group
-    (deepspeed.comm.init_distributed: `cdb is None and torch.distributed.is_initialized()` wraps it as is).
-
-    A lone process gets a world-size-1 group on DeepSpeed's backend for this machine (gloo on CPUs, nccl on
-    CUDA) whose store is an in-memory HashStore: no TCPStore, so no port on any interface. The backends'
-    own sockets are pinned to the loopback interface (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME; set for the
-    process's lifetime, since every later group reads them: a lone process has no peer to reach). Under a
-    launcher nothing happens here: DeepSpeed initialises env:// as the launcher set it up."""
-    if dist.is_initialized() or launched():
-        return
-    ensure_single_process_env()
-    if (os.environ["WORLD_SIZE"], os.environ["RANK"]) != ("1", "0"):
-        raise ConfigError(
-            f"WORLD_SIZE={os.environ['WORLD_SIZE']} RANK={os.environ['RANK']} without MASTER_ADDR/MASTER_PORT: "
-            "start multi-process jobs with torchrun or the deepspeed launcher"
-        )
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.constants import default_pg_timeout
-
-    loopback = loopback_interface()
-    os.environ["GLOO_SOCKET_IFNAME"] = loopback
-    os.environ["NCCL_SOCKET_IFNAME"] = loopback
-    backend = get_accelerator().communication_backend_name()
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=default_pg_timeout)
-
-
-def deepspeed_safe_globals() -> list[type]:
-    """The only types beyond tensors and plain containers in DeepSpeed's checkpoint files, as this learner
-    configures it (found with torch.serialization.get_unsafe_globals_in_checkpoint over ZeRO 0-3, bf16 on and
-    off, with and without LoRA, DeepSpeed 0.19): ZeRO's optimizer state holds its loss scaler (a plain object
-    whose attributes are restored; none of its methods runs), the ZeRO stage (an int enum) and, at stages 1-2,
-    fragment addresses (a dataclass of two ints). Stage 0 files hold none of them."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def load_weights_only(path: str, map_location: Any = None) -> Any:
-    """torch.load with weights_only=True and `deepspeed_safe_globals`; a file holding anything else (a crafted
-    pickle names e.g. `builtins.open` or `os.system`) or an unreadable one is a one-line CheckpointError, and
-    nothing of it runs."""
-    try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's message spans lines; keep what it refused
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
-        what = f"it holds `{found.group(1)}`" if found else detail.group(1).strip() if detail else "not plain data"
-        raise CheckpointError(
-            f"{path}: not loaded: {what} (DeepSpeed state is tensors and plain data; nothing else is unpickled, "
-            "since a pickle can run code)"
-        ) from None
-    except (RuntimeError, EOFError, ValueError) as e:
-        first = (str(e) or repr(e)).splitlines()[0]
-        raise CheckpointError(f"{path}: unreadable DeepSpeed state ({first})") from None
-
-
-@functools.cache
-def weights_only_checkpoint_engine() -> type:
-    """DeepSpeed's torch checkpoint engine, loading through `load_weights_only` (saving unchanged)."""
-    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-
-    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location: Any = None) -> Any:
-            return load_weights_only(path, map_location)
-
-    return WeightsOnlyCheckpointEngine
+def require_device(tensor: torch.Tensor, device: torch.device) -> None:
+    """Stop before a collective whose tensor is not on `device` (the engine's): NCCL would fail later with
+    "No backend type associated with device type cpu"; gloo would silently accept it."""
+    if tensor.device.type != device.type or device.index not in (None, tensor.device.index):
+        raise RuntimeError(f"collective on a tensor on {tensor.device}, but the engine runs on {device}")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -155,73 +78,60 @@ class StepResult:
     metrics: dict[str, float]
 
 
-def _is_zero3_param(t: torch.Tensor) -> bool:
-    return hasattr(t, "ds_id")
+def deepspeed_config(config: LearnerConfig) -> dict:
+    """The DeepSpeed config of a training engine. Optional ZeRO-Offload: `offload_optimizer` keeps the
+    optimizer state (and its step) in CPU memory with DeepSpeed's CPU Adam; `offload_params` (ZeRO-3) keeps
+    the parameter partitions there too, fetched to the device per layer."""
+    zero: dict[str, Any] = {"stage": config.zero_stage}
+    if config.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if config.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    adam = {"lr": config.lr, "betas": list(config.adam_betas), "weight_decay": config.weight_decay}
+    if not config.offload_optimizer:
+        adam["torch_adam"] = True  # the offloaded step is DeepSpeed's CPU Adam
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # our micro batches are opaque objects; we scale losses
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": config.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": config.bf16},
+        "optimizer": {"type": "AdamW", "params": adam},
+        "steps_per_print": 10**9,
+    }
 
 
-def _gathered(tensors: list[torch.Tensor]):
-    """ZeRO-3 parameters gathered in full for reading (a no-op for ordinary tensors)."""
-    params = [t for t in tensors if _is_zero3_param(t)]
-    if not params:
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
-def merged_state_dict(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
-    """Plain-model state dict, fp32 on CPU: LoRA merged (W + alpha/r * B @ A), ZeRO-3 gathered tensor by tensor.
-
-    With keep=False (ranks other than 0) the collective gathers still happen but nothing is copied.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        if ".lora_" in key:
-            continue
-        with _gathered([tensor]):
-            if keep:
-                out[key.replace(".base_layer.", ".")] = tensor.detach().float().cpu().clone()
-    for name, layer in lora_layers(model):
-        for adapter in layer.active_adapters:
-            a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight  # [r, in], [out, r]
-            with _gathered([a, b]):
-                if keep:
-                    out[f"{name}.weight"] += layer.scaling[adapter] * (b.detach().float() @ a.detach().float()).cpu()
-    return out
+def reference_config(config: LearnerConfig) -> dict:
+    """The DeepSpeed config of the frozen reference under ZeRO-3: an inference engine, partitioned alike."""
+    zero: dict[str, Any] = {"stage": 3}
+    if config.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero, "bf16": {"enabled": config.bf16}}
 
 
 class Learner:
-    def __init__(self, model: torch.nn.Module, config: LearnerConfig, reference: bool = False):
-        """reference=True keeps a frozen copy of the starting model for `reference()` (LoRA needs none)."""
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: LearnerConfig,
+        reference: bool = False,
+        reference_model: torch.nn.Module | None = None,
+    ):
+        """reference=True keeps a frozen copy of the starting model for `reference()` (LoRA needs none): a deep
+        copy of `model`, or `reference_model` when given (built and loaded apart, see `from_source`)."""
         import deepspeed
 
         init_distributed()
         self.config = config
         self._reference = None
         if reference and config.lora is None:
-            self._reference = self._frozen_copy(model)
+            self._reference = self._frozen(reference_model if reference_model is not None else copy.deepcopy(model))
         if config.lora is not None:
             model = apply_lora(model, config.lora)
         if config.gradient_checkpointing and hasattr(model, "set_gradient_checkpointing"):
             model.set_gradient_checkpointing(True)
-        ds_config = {
-            "train_micro_batch_size_per_gpu": 1,  # our micro batches are opaque objects; we scale losses
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": config.max_grad_norm,
-            "zero_optimization": {"stage": config.zero_stage},
-            "bf16": {"enabled": config.bf16},
-            "optimizer": {
-                "type": "AdamW",
-                "params": {
-                    "lr": config.lr,
-                    "betas": list(config.adam_betas),
-                    "weight_decay": config.weight_decay,
-                    "torch_adam": True,
-                },
-            },  # fmt: skip
-            "steps_per_print": 10**9,
-        }
         params = [p for p in model.parameters() if p.requires_grad]
+        ds_config = deepspeed_config(config)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
         self._load_weights_only()
         self.lr_factor = lr_lambda(config)  # applied by hand: ZeRO's optimizer wrapper is no torch Optimizer
@@ -231,20 +141,48 @@ class Learner:
         if self._reference is not None and config.zero_stage != 3:
             self._reference.to(self.engine.device)
 
-    def _frozen_copy(self, model: torch.nn.Module) -> torch.nn.Module:
-        """A no-grad eval copy of the starting weights; under ZeRO-3 partitioned by a DeepSpeed inference engine."""
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    @classmethod
+    def from_source(
+        cls,
+        build: Callable[[], torch.nn.Module],
+        read: Callable[[str], torch.Tensor],
+        config: LearnerConfig,
+        reference: bool = False,
+        where: str = "model",
+    ) -> Learner:
+        """A learner whose policy (and frozen reference) are built by `build()` and filled by `read(key)` one
+        parameter at a time (alignment/learner_state.py): under ZeRO-3 inside deepspeed.zero.Init, so each rank
+        allocates its partition only and no rank ever holds the whole model; the reference is built and
+        loaded the same way, never a copy of a full model."""
+        init_distributed()
+        with zero_init(config, deepspeed_config(config)):
+            model = build()
+        load_parameters(model, read, where, cls._rank())
+        ref = None
+        if reference and config.lora is None:
+            with zero_init(config, reference_config(config)):
+                ref = build()
+            load_parameters(ref, read, where, cls._rank())
+        return cls(model.train(), config, reference=reference, reference_model=ref)
+
+    def _frozen(self, ref: torch.nn.Module) -> torch.nn.Module:
+        """`ref` as the no-grad eval reference; under ZeRO-3 partitioned by a DeepSpeed inference engine."""
+        ref = ref.eval().requires_grad_(False)
         if self.config.zero_stage != 3:
             return ref.to(torch.bfloat16) if self.config.bf16 else ref
         import deepspeed
 
-        ds_config = {
-            "train_micro_batch_size_per_gpu": 1,
-            "zero_optimization": {"stage": 3},
-            "bf16": {"enabled": self.config.bf16},
-        }  # fmt: skip
-        engine, *_ = deepspeed.initialize(model=ref, config=ds_config)
+        engine, *_ = deepspeed.initialize(model=ref, config=reference_config(self.config))
         return engine.module
+
+    @staticmethod
+    def _rank() -> int:
+        return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+    @property
+    def device(self) -> torch.device:
+        """The engine's device: where every collective's tensor must live (NCCL takes CUDA tensors only)."""
+        return torch.device(self.engine.device)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -262,21 +200,29 @@ class Learner:
         if self.world_size > 1:
             torch.distributed.barrier()
 
+    def all_reduce(self, values: torch.Tensor, op: Any = None) -> torch.Tensor:
+        """The learner's one collective: `values` created anew on the engine's device, checked to be there
+        (a CPU tensor under NCCL fails on the GPU; this check fails it on gloo too), then all-reduced (sum by
+        default) over the ranks. Returns the reduced tensor (on the engine's device)."""
+        tensor = values.detach().to(self.device, copy=True)
+        require_device(tensor, self.device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM if op is None else op)
+        return tensor
+
     def mean_over_ranks(self, metrics: dict[str, float], weight: float = 1.0) -> dict[str, float]:
         """Weighted mean of each metric over the ranks (every rank passes the same keys)."""
         if self.world_size == 1:
             return metrics
         keys = sorted(metrics)
         values = torch.tensor([weight] + [weight * float(metrics[k]) for k in keys], dtype=torch.float64)
-        torch.distributed.all_reduce(values)
+        values = self.all_reduce(values).cpu()
         total = values[0].item()
         return {k: (values[i + 1].item() / total if total > 0 else float("nan")) for i, k in enumerate(keys)}
 
     def _all_ranks(self, flag: bool) -> bool:
         if self.world_size == 1:
             return flag
-        value = torch.tensor([1.0 if flag else 0.0])
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+        value = self.all_reduce(torch.tensor([1.0 if flag else 0.0]), op=torch.distributed.ReduceOp.MIN)
         return bool(value.item())
 
     @contextmanager
@@ -351,9 +297,19 @@ class Learner:
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     def policy_weights(self, rank0_only: bool = False) -> dict[str, torch.Tensor]:
-        """Full fp32-on-CPU state dict of the plain policy (ZeRO-3 gathered, LoRA merged), for rollout workers
-        and checkpoints. Collective under ZeRO-3: every rank calls it; rank0_only leaves the others' dict empty."""
+        """Full fp32-on-CPU state dict of the plain policy (ZeRO-3 gathered, LoRA merged), for checkpoints.
+        Collective under ZeRO-3: every rank calls it; rank0_only leaves the others' dict empty."""
         return merged_state_dict(self.engine.module, keep=not rank0_only or self.rank == 0)
+
+    def policy_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, full shape) of each tensor `iter_policy` yields, in order, known without gathering."""
+        return policy_shapes(self.engine.module)
+
+    def iter_policy(self, dtype: torch.dtype, device: torch.device | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """The plain policy one tensor at a time in `dtype` on the engine's device (or `device`), for weight sync
+        (learner_state.iter_policy): collective under ZeRO-3, so every rank runs it to the end; rank 0 alone
+        gets tensors, each valid until the next is asked for."""
+        return iter_policy(self.engine.module, dtype, self.device if device is None else device, self.rank == 0)
 
     def _load_weights_only(self) -> None:
         """Every file engine.load_checkpoint reads goes through the engine's checkpoint engine (model states
@@ -367,20 +323,53 @@ class Learner:
         self.engine.checkpoint_engine = weights_only_checkpoint_engine()(self.engine._config)
 
     def save_state(self, directory: Path) -> None:
-        """Engine (optimizer, ZeRO partitions) + step counters into directory/engine. The client state
-        stays two plain ints: loading it back needs nothing beyond weights_only."""
+        """Engine (optimizer, ZeRO partitions) + step counters into directory/engine, and (rank 0) the world
+        record: ranks, ZeRO stage, counters. The client state stays two plain ints: loading it back needs
+        nothing beyond weights_only."""
         client = {"step_count": int(self.step_count), "num_skipped": int(self.num_skipped)}
         self.engine.save_checkpoint(str(directory / "engine"), tag="state", client_state=client)
+        if self.rank == 0:
+            write_world_record(directory / "engine", self.world_size, self.config.zero_stage, client)
 
     def load_state(self, directory: Path) -> None:
         """Engine state and step counters from directory/engine, loaded weights-only (see `_load_weights_only`);
-        a missing, unreadable or tampered state is a one-line CheckpointError."""
+        a missing, unreadable or tampered state is a one-line CheckpointError. State written by another number
+        of ranks is one line too, unless learner.reshard_on_resume: then `reshard_from`."""
         engine_dir = directory / "engine"
         if not (engine_dir / "state").is_dir():
             raise CheckpointError(f"{engine_dir / 'state'}: no DeepSpeed state in this checkpoint")
+        saved = read_world_record(engine_dir)
+        if saved is not None and saved["world_size"] != self.world_size:
+            if not self.config.reshard_on_resume:
+                raise world_size_change(directory, saved, self.world_size, self.config.zero_stage)
+            self.reshard_from(directory, saved)
+            return
         _, client = self.engine.load_checkpoint(str(engine_dir), tag="state")
         counters = {k: (client or {}).get(k) for k in ("step_count", "num_skipped")}
         if not all(type(v) is int and v >= 0 for v in counters.values()):
             raise CheckpointError(f"{engine_dir}: step counters missing or not integers ({counters})")
         self.step_count = counters["step_count"]
         self.num_skipped = counters["num_skipped"]
+
+    def reshard_from(self, directory: Path, saved: dict[str, int]) -> None:
+        """Continue from checkpoint `directory` written by another number of ranks: the policy takes its
+        published weights (directory/model, the plain model every checkpoint has; fp32 unless the run is
+        bf16), parameter by parameter as `from_source` loads; the optimizer starts afresh (Adam moments
+        zero) and the step counters come from the world record, so the learning-rate schedule continues."""
+        if self.config.lora is not None:
+            raise CheckpointError(f"{directory}: learner.reshard_on_resume needs full fine-tuning (the published "
+                                  "weights have the LoRA adapters merged in); resume on "
+                                  f"{saved['world_size']} ranks")  # fmt: skip
+        from alignment.model_source import lazy_reader
+        from base_model.checkpoint import load_config
+
+        model_dir = directory / "model"
+        read, _ = lazy_reader(model_dir, load_config(model_dir))
+        load_parameters(self.model, read, str(model_dir), self.rank)
+        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:  # ZeRO / bf16 keep fp32 master weights apart from the module's
+            refresh()
+        self.step_count, self.num_skipped = saved["step_count"], saved["num_skipped"]
+        if self.rank == 0:
+            print(f"resharded {directory.name}: saved by {saved['world_size']} ranks, resumed on {self.world_size} "
+                  "from its published weights with a fresh optimizer")  # fmt: skip

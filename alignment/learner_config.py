@@ -47,7 +47,10 @@ class LearnerConfig:
     max_grad_norm: float = 1.0
     zero_stage: int = 0  # 0-3
     bf16: bool = False
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute each decoder layer's activations in the backward
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step in CPU memory (ZeRO 1-3)
+    offload_params: bool = False  # ZeRO-3 parameter partitions in CPU memory, fetched per layer
+    reshard_on_resume: bool = False  # resuming on another number of ranks: published weights + fresh optimizer
     max_consecutive_nonfinite: int = 3  # more non-finite losses in a row stop the job
     lora: LoraConfig | None = None  # null: full fine-tuning
 
@@ -56,6 +59,10 @@ class LearnerConfig:
             raise ConfigError(f"{where}.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.lr <= 0:
             raise ConfigError(f"{where}.lr: must be > 0, got {self.lr}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError(f"{where}.offload_optimizer: needs zero_stage 1, 2 or 3 (got 0)")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError(f"{where}.offload_params: needs zero_stage 3 (got {self.zero_stage})")
 
 
 def lr_lambda(config: LearnerConfig) -> Callable[[int], float]:

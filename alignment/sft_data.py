@@ -19,6 +19,7 @@ import json
 import re
 import tarfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,23 +46,55 @@ class SftDataConfig:
     image_size: int = 64  # pixels per side; multiple of 16
 
 
-def load_pairs(config: SftDataConfig) -> tuple[list[str], torch.Tensor]:
-    """Captions [N] and images uint8 [N, 3, S, S] (centre crop + resize)."""
+@dataclass
+class SftSamples:
+    """Every pair's caption and its image still as file bytes (PNG/JPEG: the compressed size); pixels are
+    decoded, cropped and resized only for the samples a micro batch asks for (`images`)."""
+
+    captions: list[str]  # [N]
+    raw: list[bytes]  # [N] image file bytes
+    where: list[str]  # [N] file and row / sample key, named in errors
+    image_size: int
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def images(self, indices: Sequence[int]) -> torch.Tensor:
+        """uint8 [len(indices), 3, S, S] (centre crop + resize) of the samples `indices`."""
+        return torch.stack([center_square(read_image(self.raw[i], self.where[i]), self.image_size) for i in indices])
+
+
+def load_samples(config: SftDataConfig) -> SftSamples:
+    """Captions and image bytes of every pair; each caption is checked and each image's header read (format
+    and size, no pixels decoded) so bad input stops here, before any run directory exists."""
     records = read_tar_records(config) if is_webdataset(config.path) else read_parquet_records(config)
-    captions, images = [], []
-    for where, caption, raw in records:
+    captions, raw, where_of = [], [], []
+    for where, caption, data in records:
         if not isinstance(caption, str) or not caption.strip():
             raise UserError(f"{where}: empty caption")
-        try:
-            img = decode_image(raw, where)
-        except (UnidentifiedImageError, TypeError, OSError, ValueError, SyntaxError, EOFError):
-            raise UserError(f"{where}: image bytes are not a readable image") from None
+        read_image(data, where, header_only=True)
         captions.append(caption)
-        images.append(center_square(img, config.image_size))
-    return captions, torch.stack(images)
+        raw.append(data)
+        where_of.append(where)
+    return SftSamples(captions, raw, where_of, config.image_size)
 
 
-def decode_image(raw: bytes, where: str):
+def load_pairs(config: SftDataConfig) -> tuple[list[str], torch.Tensor]:
+    """Captions [N] and images uint8 [N, 3, S, S] (centre crop + resize), all decoded at once."""
+    samples = load_samples(config)
+    return samples.captions, samples.images(range(len(samples)))
+
+
+def read_image(raw: object, where: str, header_only: bool = False):
+    """`decode_image` with every decoder failure as one UserError naming `where`; header_only: open and
+    size-check without decoding the pixels (returns None)."""
+    try:
+        return decode_image(raw, where, header_only)
+    except (UnidentifiedImageError, TypeError, OSError, ValueError, SyntaxError, EOFError):
+        raise UserError(f"{where}: image bytes are not a readable image") from None
+
+
+def decode_image(raw: bytes, where: str, header_only: bool = False):
     """Image bytes -> RGB PIL image, refusing (UserError naming `where`) an image whose header declares
     more than MAX_IMAGE_PIXELS; PIL's own decompression-bomb warning counts as an error too."""
     try:
@@ -72,7 +105,7 @@ def decode_image(raw: bytes, where: str):
             if w * h > MAX_IMAGE_PIXELS:
                 raise UserError(f"{where}: image of {w}x{h} pixels is over the cap of {MAX_IMAGE_PIXELS} pixels "
                                 "(a decompression bomb?)")  # fmt: skip
-            return img.convert("RGB")
+            return None if header_only else img.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UserError(f"{where}: refused as a decompression bomb ({e})") from None
 

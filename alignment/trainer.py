@@ -11,7 +11,7 @@
 `step()` is the job: one attempt at a training step, returning its metrics, or None when every update it
 tried was skipped for a non-finite loss (then it is no step: no metrics row, no checkpoint; its data is
 passed over). `max_consecutive_nonfinite` skips in a row end the job with one line naming the last good
-checkpoint. Under torchrun (DPO) rank 0 alone locks, logs and writes the published model and `latest`;
+checkpoint. Under torchrun (SFT, DPO) rank 0 alone locks, logs and writes the published model and `latest`;
 every rank writes its DeepSpeed state.
 """
 

@@ -26,11 +26,22 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from core.errors import ConfigError
+from core.placement import (
+    STRATEGIES,
+    ActorPlacement,
+    SharedBundles,
+    here,
+    in_bundle,
+    nonzero,
+    release_placement,
+    reserve_placement,
+    wait_started,
+)
 
 
 @dataclass
@@ -45,14 +56,22 @@ class PoolConfig:
     max_task_retries: int = 2  # re-runs of one call whose worker died (pool methods are idempotent)
     address: str | None = None  # None: start a local Ray; 'auto' / 'host:port': join a running cluster
     ray_num_cpus: int | None = None  # CPUs of a locally started Ray (None: all of them)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # Ray placement group
+    ready_timeout_s: float = 600.0  # wait for the placement, then again for the workers' constructors
+    label: ClassVar[str] = "pool"  # where the config sits ('rollout.pool'), set by validate, named in errors
 
     def validate(self, where: str) -> None:
+        self.label = where
         if self.num_workers < 1:
             raise ConfigError(f"{where}.num_workers: must be >= 1, got {self.num_workers}")
         if self.num_cpus_per_worker < 0 or self.num_gpus_per_worker < 0:
             raise ConfigError(f"{where}: per-worker CPU/GPU counts must be >= 0")
         if self.max_restarts < 0 or self.max_task_retries < 0:
             raise ConfigError(f"{where}: max_restarts and max_task_retries must be >= 0")
+        if self.placement_strategy not in STRATEGIES:
+            raise ConfigError(f"{where}.placement_strategy: {self.placement_strategy!r} is not one of {STRATEGIES}")
+        if not self.ready_timeout_s > 0:
+            raise ConfigError(f"{where}.ready_timeout_s: must be > 0, got {self.ready_timeout_s}")
 
 
 class LocalPool:
@@ -171,8 +190,13 @@ class WorkerLostError(RuntimeError):
 class RayPool:
     """`num_workers` Ray actors of the same plain `worker_cls`, each with its CPU/GPU resources.
 
-    Dead actors are replaced by the pool itself (Ray's own actor restart is off), so the pool knows
-    which calls were lost and re-runs them; see the module docstring.
+    The workers' resources are reserved together in a placement group (one bundle per worker, actor i
+    in bundle i) and the pool waits until every constructor has run: a cluster too small, resources
+    held elsewhere past `ready_timeout_s`, or a constructor that raises end in one error line instead of
+    a hang. Dead actors are replaced by the pool itself (Ray's own actor restart is off), in the same
+    bundle, so the pool knows which calls were lost and re-runs them; see the module docstring. Given
+    `bundles` (another pool's actors time-share them, `reserve_shared`) it reserves nothing: actor i goes
+    to bundle `bundles.indices[i]`, and the group stays when the pool shuts down.
     """
 
     def __init__(
@@ -187,6 +211,10 @@ class RayPool:
         max_task_retries: int = 2,
         address: str | None = None,
         ray_num_cpus: int | None = None,
+        placement_strategy: str = "PACK",
+        ready_timeout_s: float = 600.0,
+        where: str = "pool",
+        bundles: SharedBundles | None = None,
     ):
         import ray
 
@@ -196,8 +224,32 @@ class RayPool:
         self.restarts_left, self.max_task_retries = max_restarts, max_task_retries
         self.num_restarts = 0
         self._sticky: dict[str, tuple[tuple, dict]] = {}  # method -> last broadcast args, replayed on new actors
-        self.actors = [self._remote_cls.remote(*self._args, **self._kwargs) for _ in range(num_workers)]
+        self.actors: list = []
+        bundle = nonzero({"CPU": num_cpus, "GPU": num_gpus})  # a worker asking for nothing needs no reservation
+        self.owns_group = bundles is None
+        self.bundle_indices = list(bundles.indices) if bundles is not None else list(range(num_workers))
+        if len(self.bundle_indices) != num_workers:
+            raise ConfigError(f"{where}: {num_workers} workers but {len(self.bundle_indices)} shared bundles")
+        try:
+            self.group = bundles.group if bundles is not None else (
+                reserve_placement([bundle] * num_workers, placement_strategy, ready_timeout_s) if bundle else None
+            )  # fmt: skip
+        except ConfigError as e:  # '3 workers x 1 GPU = 3 GPU requested, ...', named after the pool's config key
+            raise ConfigError(f"{where}: {e}") from None
+        try:
+            self.actors = [self._start(slot) for slot in range(num_workers)]
+            hint = f" (constructors still running? raise {where}.ready_timeout_s)"
+            wait_started(self.actors, where, ready_timeout_s, hint)
+        except BaseException:
+            self.shutdown()
+            raise
         self.generation = [0] * num_workers  # bumped when slot i gets a fresh actor
+
+    def _start(self, slot: int) -> Any:
+        """A new actor for `slot`, in that slot's bundle of the pool's placement group."""
+        group, index = self.group, self.bundle_indices[slot]
+        options = {"scheduling_strategy": in_bundle(group, index)} if group is not None else {}
+        return self._remote_cls.options(**options).remote(*self._args, **self._kwargs)
 
     @property
     def num_workers(self) -> int:
@@ -213,8 +265,8 @@ class RayPool:
             raise WorkerLostError(f"worker {slot} died and the pool has no restarts left ({error})") from error
         self.restarts_left -= 1
         self.num_restarts += 1
-        ray.kill(self.actors[slot], no_restart=True)
-        actor = self._remote_cls.remote(*self._args, **self._kwargs)
+        ray.kill(self.actors[slot], no_restart=True)  # frees its bundle for the replacement
+        actor = self._start(slot)
         for method, (args, kwargs) in self._sticky.items():
             getattr(actor, method).remote(*args, **kwargs)  # ordered before any later call on this actor
         self.actors[slot] = actor
@@ -281,20 +333,66 @@ class RayPool:
             self._sticky[method] = (args, kwargs)
         return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
 
+    def placements(self) -> list[ActorPlacement]:
+        """Where Ray runs each worker (placement group, bundle, node, GPU ids), in worker order."""
+        import ray
+
+        return ray.get([actor.__ray_call__.remote(_placement_of) for actor in self.actors])
+
     def shutdown(self) -> None:
+        """Kill the actors and remove the placement group (their reserved resources go back), unless the
+        group is shared: its owner releases it."""
         import ray
 
         if ray.is_initialized():  # not after a signal already took Ray down (ensure_ray)
             for actor in self.actors:
                 ray.kill(actor, no_restart=True)
-        self.actors = []
+            if self.owns_group:
+                release_placement(self.group)
+        self.actors, self.group = [], None
 
 
-def make_pool(worker_cls: type, args: tuple, config: PoolConfig, kwargs: dict | None = None) -> LocalPool | RayPool:
-    """The pool `config.kind` names, holding `config.num_workers` copies of `worker_cls(*args, **kwargs)`."""
+def _placement_of(worker: Any) -> ActorPlacement:
+    """Run in an actor by `__ray_call__` (any worker class): where it is."""
+    return here()
+
+
+def make_pool(
+    worker_cls: type, args: tuple, config: PoolConfig, kwargs: dict | None = None, bundles: SharedBundles | None = None
+) -> LocalPool | RayPool:
+    """The pool `config.kind` names, holding `config.num_workers` copies of `worker_cls(*args, **kwargs)`;
+    with `bundles` (Ray only) its actors go into those bundles of a group reserved by the caller."""
     if config.kind == "local":
+        if bundles is not None:
+            raise ConfigError(f"{config.label}.kind: 'local' workers cannot share a placement group; use 'ray'")
         return LocalPool(worker_cls, args, kwargs, config.num_workers)
     return RayPool(
         worker_cls, args, kwargs, config.num_workers, config.num_cpus_per_worker, config.num_gpus_per_worker,
         config.max_restarts, config.max_task_retries, config.address, config.ray_num_cpus,
+        config.placement_strategy, config.ready_timeout_s, config.label, bundles,
     )  # fmt: skip
+
+
+def shared_bundle(configs: Sequence[PoolConfig]) -> dict[str, float]:
+    """One bundle holding one actor of every pool: the sum of their per-actor CPU and GPU."""
+    return {"CPU": sum(c.num_cpus_per_worker for c in configs), "GPU": sum(c.num_gpus_per_worker for c in configs)}
+
+
+def reserve_shared(configs: Sequence[PoolConfig], what: str = "colocated bundles") -> SharedBundles:
+    """One placement group for pools of equal size whose actor i share bundle i (`shared_bundle`), reserved
+    like any pool's (the first pool's Ray address and strategy, the longest ready timeout): a cluster that
+    cannot hold it is one ConfigError line naming every pool. The caller passes it to each pool and
+    releases it (`SharedBundles.release`) after shutting them down."""
+    where = " + ".join(c.label for c in configs)
+    counts = {c.num_workers for c in configs}
+    if len(counts) != 1:
+        raise ConfigError(f"{where}: colocated pools need equal num_workers, got {[c.num_workers for c in configs]}")
+    first, n = configs[0], counts.pop()
+    ensure_ray(first.address, first.ray_num_cpus)
+    bundle = nonzero(shared_bundle(configs))
+    try:
+        group = reserve_placement([bundle] * n, first.placement_strategy, max(c.ready_timeout_s for c in configs),
+                                  what=what)  # fmt: skip
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return SharedBundles(group, tuple(range(n)))

@@ -40,21 +40,38 @@ RNG_STATE = "rng_state.json"  # every global generator as plain JSON (capture_rn
 LEGACY_RNG_STATE = "rng_state.pt"  # the pickle earlier versions wrote there: refused, never unpickled
 
 
+# keys a resumed run may change: more steps; how to resume on another number of ranks
+EXTENDABLE = ("steps", "learner.reshard_on_resume")
+
+
+def without_keys(config: dict, paths: tuple[str, ...]) -> dict:
+    """`config` without the dotted `paths` (absent ones ignored): {"a": {"b": 1, "c": 2}} - a.b -> {"a": {"c": 2}}."""
+    out = json.loads(json.dumps(config))
+    for path in paths:
+        *parents, last = path.split(".")
+        node = out
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
+
+
 def prepare_run_dir(
-    root: str | Path, name: str, resolved_config: dict, extendable: tuple[str, ...] = ("steps",)
+    root: str | Path, name: str, resolved_config: dict, extendable: tuple[str, ...] = EXTENDABLE
 ) -> Path:
     """Create runs/<name>, or reopen it for a resume. A resume must use the same config, except for the
-    top-level `extendable` keys (a run may be continued for more steps); config.yaml is then updated.
-    Jobs call it under `lock_dir` of that directory: it also deletes what killed writes left there."""
+    `extendable` keys (dotted for nested ones: a run may be continued for more steps); config.yaml is then
+    updated. Jobs call it under `lock_dir` of that directory: it also deletes what killed writes left there."""
     run = Path(root) / name
     for d in (run, *sorted(run.glob("step_*"))):
         remove_partial_writes(d)
     config_path = run / "config.yaml"
     text = yaml.safe_dump(resolved_config, sort_keys=True)
     if config_path.is_file():
-        old = yaml.safe_load(config_path.read_text()) or {}
-        new = yaml.safe_load(text)
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in extendable)
+        old = without_keys(yaml.safe_load(config_path.read_text()) or {}, extendable)
+        new = without_keys(yaml.safe_load(text), extendable)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed:
             raise UserError(
                 f"{run} holds a run whose config differs in {', '.join(changed)}; "
@@ -197,6 +214,10 @@ class MetricsLogger:
             self.wandb = wb.init(project=project, name=run.name, dir=str(run), resume="allow", id=run.name)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """One row: `step`, `time` and the metrics, every one named `area/name` (a programming error if not)."""
+        unnamed = [k for k in metrics if "/" not in k.strip("/")]
+        if unnamed:
+            raise ValueError(f"metrics must be named area/name: {unnamed}")
         row = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +27,10 @@ import torch
 from alignment.learner import Learner
 from alignment.learner_config import LearnerConfig
 from alignment.losses import diffusion_dpo_loss
+from alignment.model_source import open_model
 from alignment.objectives import DPO_METRICS, EVAL_STREAM, TRAIN_STREAM, PairBatch, dpo_metrics, make_batch, pair_errors
+from alignment.ranks import check_divisible, rank, rank_share, world_size
 from alignment.trainer import Trainer
-from base_model.checkpoint import NextStepBundle, resolve_model
 from base_model.model import NextStepModel
 from base_model.sequence import DEFAULT_MAX_PROMPT_TOKENS, check_sequence_fits, grid_for_size, truncation_note
 from core.errors import ConfigError, UserError
@@ -81,25 +81,11 @@ class DpoConfig:
                      "checkpoint_every"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
-        world = world_size()
-        if self.pairs_per_step % (self.micro_batch_pairs * world):
-            raise ConfigError(
-                f"{where}.pairs_per_step: {self.pairs_per_step} is not a multiple of micro_batch_pairs x ranks "
-                f"({self.micro_batch_pairs} x {world})"
-            )
+        check_divisible(f"{where}.pairs_per_step", self.pairs_per_step, self.micro_batch_pairs, world_size(), "pairs")
         self.learner.validate(f"{where}.learner")
 
     def pairs_per_rank(self) -> int:
         return self.pairs_per_step // world_size()
-
-
-def world_size() -> int:
-    """Ranks of this job as the launcher (torchrun, deepspeed) announces them; 1 without a launcher."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -128,14 +114,14 @@ def split_by_prompt(prompts: list[str], eval_fraction: float) -> PairSplit:
     )  # fmt: skip
 
 
-def check_pairs_fit(pairs: PreferencePairs, bundle: NextStepBundle, where: str) -> None:
-    """Token shapes of the dataset against the model: [N, (S/16)^2, token_dim]."""
+def check_pairs_fit(pairs: PreferencePairs, token_dim: int, where: str) -> None:
+    """Token shapes of the dataset against the model's token_dim: [N, (S/16)^2, token_dim]."""
     _, num_tokens, dim = pairs.chosen_tokens.shape
     h, w = grid_for_size(pairs.image_size, pairs.image_size)
-    if num_tokens != h * w or dim != bundle.model.config.token_dim:
+    if num_tokens != h * w or dim != token_dim:
         raise UserError(
             f"{where}: tokens of shape [{num_tokens}, {dim}] do not fit the model "
-            f"({h * w} tokens of {bundle.model.config.token_dim} dims at {pairs.image_size}px)"
+            f"({h * w} tokens of {token_dim} dims at {pairs.image_size}px)"
         )
 
 
@@ -154,13 +140,16 @@ class DpoTrainer(Trainer):
         config = self.config
         self.pairs = read_pairs(config.data.path)
         self.split = split_by_prompt(self.pairs.prompts, config.data.eval_fraction)
-        self.bundle = resolve_model(config.model, seed=config.seed)
-        check_pairs_fit(self.pairs, self.bundle, config.data.path)
+        source = open_model(config.model, seed=config.seed)  # weights read parameter by parameter below
+        check_pairs_fit(self.pairs, source.config.token_dim, config.data.path)
         check_sequence_fits(config.max_prompt_tokens, (self.pairs.image_size,) * 2,
-                            self.bundle.model.config.max_position_embeddings,
+                            source.config.max_position_embeddings,
                             f"{config.data.path}: max_prompt_tokens")  # fmt: skip
         torch.manual_seed(config.seed)
-        self.learner = Learner(self.bundle.model.train(), config.learner, reference=True)  # a rendezvous of all ranks
+        # a rendezvous of all ranks; under ZeRO-3 policy and reference are built partitioned (zero.Init)
+        self.learner = Learner.from_source(source.build, source.read, config.learner, reference=True,
+                                           where=source.where)  # fmt: skip
+        self.bundle = source.bundle(self.learner.model)
         # this rank's held-out pairs; their (t, e) are fixed for the whole run so evaluations compare
         self.my_eval = list(range(self.me, len(self.split.eval), self.world))
         per = config.eval_micro_batch_pairs
@@ -189,7 +178,7 @@ class DpoTrainer(Trainer):
         start = time.perf_counter()
         position, per_rank = state.consumed_pairs, config.pairs_per_rank()
         order = sample_order(len(self.split.train), config.seed, position, config.pairs_per_step)
-        mine = range(self.me * per_rank, (self.me + 1) * per_rank)  # contiguous slice of this step's pairs
+        mine = rank_share(config.pairs_per_step, self.me, self.world)  # contiguous slice of this step's pairs
         micro = [
             make_batch(self.pairs, [self.split.train[order[i]] for i in mine[s : s + config.micro_batch_pairs]],
                        [position + i for i in mine[s : s + config.micro_batch_pairs]], config.seed, TRAIN_STREAM)

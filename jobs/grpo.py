@@ -14,6 +14,28 @@ no longer a sample's own reward R but the soft value of its first `prefix` token
 the rollout workers continue each prefix C times with fresh noise under the same policy, the reward
 pool scores the C images, V = eta log mean_c exp(R_c / eta), and the group advantages are taken over V.
 
+Processes: the driver (this file) runs the loop; the rollout and reward workers are pools (in-process or
+Ray actors). The learner is in the driver (`learner_pool.kind: local`, world size 1) or N ranks as Ray
+actors in one placement group (`learner_pool.kind: ray`, alignment/grpo_learner.py), each updating on its
+share of the micro batches. New weights go to the rollout workers cast to the sync dtype: from learner
+rank 0 by torch.distributed broadcast in flat buckets (alignment/weight_sync.py), never through the Ray
+object store; in-process, by value. `sync/seconds`, `sync/bytes` and `sync/fraction_of_step` are logged.
+
+Colocated (`weight_sync.colocated: true`, as verl and OpenRLHF offer): learner rank i and rollout worker i
+time-share one GPU. One placement group holds N bundles of both actors' CPU/GPU summed (core/pools.py
+`reserve_shared`); both are scheduled into bundle i, which setup checks from where Ray says each actor runs,
+and the job releases the group after both pools. The weight group then uses gloo (NCCL refuses two ranks
+on one GPU). Each step, in order:
+  1. rollouts (and soft-value continuations): the learner holds its ZeRO shard of weights (plus, unless
+     `learner.offload_optimizer`, its optimizer state) but no cached blocks;
+  2. rewards (their own pool);
+  3. the rollout workers free their KV caches and buffers (`release_memory`: gc + CUDA empty_cache);
+  4. the learner's update (activations, gradients, ZeRO gathers);
+  5. the weight sync, learner rank 0 -> every worker;
+  6. the learner ranks free their cached blocks (`release_memory`), so step 1 of the next step finds them.
+`time/release_s` is steps 3 + 6; `colocated/rollout_reserved_gib` and `colocated/learner_reserved_gib` the
+most any worker / rank still reserves on its GPU after its release (0 on a CPU).
+
 The config, with what clip_eps means per latent dim, is in alignment/grpo_config.py.
 """
 
@@ -26,22 +48,26 @@ from pathlib import Path
 import torch
 
 from alignment.grpo_config import GrpoConfig, describe, precision_note
+from alignment.grpo_learner import RemoteLearner, SyncedRolloutWorker, grpo_loss, grpo_update
 from alignment.learner import Learner, StepResult
-from alignment.losses import group_advantages, keep_groups
-from alignment.objectives import GrpoMicroBatch, grpo_objective, reference_means
-from alignment.train_parts import prefix_values, soft_value_phase, train_weights
+from alignment.model_source import open_model
+from alignment.objectives import GrpoMicroBatch
+from alignment.train_parts import prefix_values, soft_value_phase
 from alignment.trainer import Trainer
+from alignment.weight_sync import cast_state, state_bytes
 from base_model.checkpoint import resolve_model, verify_model_spec
 from base_model.model import NextStepModel
 from base_model.sequence import truncation_note
-from core.pools import make_pool
+from core.placement import SharedBundles, unpaired
+from core.pools import make_pool, reserve_shared
 from core.rng import sample_order
+from core.runs import finish_checkpoint, staging_dir
 from core.schema import load_config
 from rewards.base import RewardOutput, reward_metrics
 from rewards.worker import RewardWorker, concat
 from rollout.batch import RolloutBatch, continuation_seeds, rollout_seed
 from rollout.prompts import Prompt, load_prompts
-from rollout.worker import GrpoRolloutWorker, group_chunks, split_prompts
+from rollout.worker import group_chunks, split_prompts
 
 
 class GrpoTrainer(Trainer):
@@ -49,6 +75,8 @@ class GrpoTrainer(Trainer):
     a step is one rollout batch -> rewards (-> soft values) -> `inner_epochs` updates -> new weights."""
 
     job = "grpo"
+    remote: RemoteLearner | None = None  # the learner ranks on Ray (learner_pool.kind: ray)
+    shared: SharedBundles | None = None  # colocated: the one placement group of learner ranks and rollout workers
 
     def __init__(self, config: GrpoConfig):
         super().__init__(config)
@@ -64,25 +92,53 @@ class GrpoTrainer(Trainer):
             print(note)
         verify_model_spec(config.model)  # config and shard headers, before the rollout workers load them
         r = config.rollout
+        if config.weight_sync.colocated:  # bundle i: learner rank i + rollout worker i
+            self.shared = reserve_shared([config.learner_pool, r.pool], what="learner/rollout pairs")
         self.rollout_pool = make_pool(
-            GrpoRolloutWorker,
+            SyncedRolloutWorker,
             (config.model, config.sampling, r.device, r.dtype, r.micro_batch_samples, config.seed, r.num_threads),
             r.pool,
+            bundles=self.shared,
         )
         self.reward_pool = make_pool(RewardWorker, (config.rewards,), config.rewards.pool)
-        torch.manual_seed(config.seed)
-        self.bundle = resolve_model(config.model, seed=config.seed)
         # the reference: a frozen copy of the starting policy (LoRA: the adapters disabled); a resume loads
         # the policy's state after this, so the reference stays the starting model
-        self.learner = Learner(self.bundle.model.train(), config.learner, reference=config.beta > 0)
+        if config.learner_pool.kind == "ray":  # the ranks hold the model; the driver its tokenizer only
+            self.learner = self.remote = RemoteLearner(config, self.shared)
+            if self.shared is not None:
+                self.check_colocated()
+            self.remote.open_weight_group(self.rollout_pool)
+            tokenizer = open_model(config.model, seed=config.seed).tokenizer
+        else:
+            torch.manual_seed(config.seed)
+            self.bundle = resolve_model(config.model, seed=config.seed)
+            self.learner = Learner(self.bundle.model.train(), config.learner, reference=config.beta > 0)
+            tokenizer = self.bundle.tokenizer
         texts, limit = [p.text for p in self.prompts], config.sampling.max_prompt_tokens
-        if note := truncation_note("grpo", "sampling.max_prompt_tokens", self.bundle.tokenizer, texts, limit):
+        if note := truncation_note("grpo", "sampling.max_prompt_tokens", tokenizer, texts, limit):
             print(note)
+
+    def check_colocated(self) -> None:
+        """Learner rank i and rollout worker i in one bundle, one node, the same GPUs, as Ray reports them."""
+        ranks, workers = self.remote.ranks.placements(), self.rollout_pool.placements()
+        if apart := unpaired(ranks, workers):
+            raise RuntimeError(f"weight_sync.colocated: learner rank {apart[0]} runs at {ranks[apart[0]]}, its "
+                               f"rollout worker at {workers[apart[0]]}")  # fmt: skip
+        gpus = ", ".join("/".join(p.gpu_ids) or "-" for p in ranks)
+        print(f"grpo: colocated: learner rank i and rollout worker i share bundle i of one placement group "
+              f"({len(ranks)} pairs; GPUs {gpus})")  # fmt: skip
 
     def opened(self, resumed_from: Path | None) -> None:
         if resumed_from is not None:
             self.reward_pool.call_all("load_state_dict", self.state.reward_state)
         self.sync_weights()  # rollout workers start from the learner's weights (fresh or resumed)
+        if self.shared is not None:  # the first rollouts find the learner's cache empty
+            self.release_learner()
+
+    def release_learner(self) -> int:
+        """Colocated: the learner ranks' cached device blocks go back to the shared GPUs (step 6 of the
+        module docstring); returns the most bytes a rank still reserves."""
+        return max(self.remote.ranks.call_all("release_memory"))
 
     def step(self) -> dict[str, float] | None:
         config, state = self.config, self.state
@@ -97,6 +153,11 @@ class GrpoTrainer(Trainer):
             values, value_metrics = self.soft_values(batch)
             now = time.perf_counter()
             times["soft_value"], t2 = now - t2, now
+        reserved = {}
+        if self.shared is not None:  # the shared GPUs go to the learner once the workers are done (step 3)
+            reserved["rollout"] = max(self.rollout_pool.call_all("release_memory"))
+            now = time.perf_counter()
+            times["release"], t2 = now - t2, now
         skipped_before = self.learner.num_skipped
         result = self.update(batch, rewards.scores, values)
         times["learn"] = (t3 := time.perf_counter()) - t2
@@ -107,18 +168,27 @@ class GrpoTrainer(Trainer):
                   f"cells clipped, mean |log-prob diff| {diff:.2e}")  # fmt: skip
         state.consumed_prompts += config.prompts_per_step  # a skipped attempt passes its prompts over
         if self.learner.num_skipped > skipped_before and not result.updated:
+            if self.shared is not None:
+                self.release_learner()
             return None  # every update skipped for a non-finite loss: no step
+        sync_bytes = 0
         if result.updated:  # new weights, new version
             state.policy_version += 1
-            self.sync_weights()
-        times["sync"] = time.perf_counter() - t3
+            sync_bytes = self.sync_weights()
+        times["sync"] = (t4 := time.perf_counter()) - t3
+        if self.shared is not None:  # and back to the rollouts (step 6)
+            reserved["learner"] = self.release_learner()
+            times["release"] += time.perf_counter() - t4
         total = sum(times.values())
         metrics.update(reward_metrics(rewards))
         metrics.update(value_metrics)
         metrics.update({f"time/{k}_s": v for k, v in times.items()})
         metrics.update({f"time/{k}_share": v / total for k, v in times.items()})
         metrics["samples/s"] = config.samples_per_step / total
-        metrics["policy_version"] = float(state.policy_version)
+        metrics.update({"sync/seconds": times["sync"], "sync/bytes": float(sync_bytes),
+                        "sync/fraction_of_step": times["sync"] / total})  # fmt: skip
+        metrics.update({f"colocated/{k}_reserved_gib": v / 2**30 for k, v in reserved.items()})
+        metrics["grpo/policy_version"] = float(state.policy_version)
         return metrics
 
     def postfix(self, metrics: dict[str, float]) -> dict[str, str]:
@@ -170,60 +240,34 @@ class GrpoTrainer(Trainer):
         return prefix_values(rewards, part.soft_value_eta)
 
     def update(self, batch: RolloutBatch, rewards: torch.Tensor, values: torch.Tensor | None = None) -> StepResult:
-        """Per update: returns (rewards [B], or the prefixes' soft values [B] in a soft-value prefix
-        update), advantages per group, group filter, then the learner step; `inner_epochs` updates.
-        `updated`: whether any of them changed the weights."""
-        config, g = self.config, self.config.samples_per_prompt
-        t, k = batch.tokens.shape[1], batch.log_probs.shape[2]
-        metrics, tried, updated = {}, False, False
-        for epoch in range(config.inner_epochs):
-            index = self.state.step * config.inner_epochs + epoch
-            returns = values if values is not None and soft_value_phase(config.train_part, index) else rewards
-            grouped = returns.reshape(-1, g)  # [P, G]
-            keep = keep_groups(grouped, config.group_filter.min_std, config.group_filter.max_mean)  # [P]
-            metrics["grpo/zero_std_group_ratio"] = float((grouped.std(dim=1, unbiased=False) < 1e-8).float().mean())
-            metrics["grpo/kept_groups"] = float(keep.sum())
-            if not keep.any():
-                continue
-            # over every group of the step, then the kept ones: global_std's std is of all the step's rewards
-            advantages = group_advantages(grouped, scale=config.advantage_scale)[keep].flatten()  # [B_kept]
-            kept = batch.select(keep.repeat_interleave(g).nonzero().flatten())
-            n, mb = len(kept), config.micro_batch_samples
-            num_micro = -(-n // mb)
-            weights = train_weights(config.train_part, t, k, index, config.timestep_fraction, config.seed)
-            micro = [
-                GrpoMicroBatch(kept.select(list(range(s, min(s + mb, n)))), advantages[s : s + mb], weights,
-                               scale=min(mb, n - s) * num_micro / n)
-                for s in range(0, n, mb)
-            ]  # fmt: skip
-            result = self.learner.step(micro, self.loss_fn)
-            out = result.metrics
-            if tried:  # keep the first update's on-policy health check; the rest from the last update
-                out.pop("grpo/logprob_diff", None)
-                out.pop("grpo/clip_frac_on_policy", None)
-            elif "grpo/clip_frac" in out:  # before any update: nonzero means rollout and learner disagree
-                out["grpo/clip_frac_on_policy"] = out["grpo/clip_frac"]
-            tried, updated = True, updated or result.updated
-            metrics.update(out)
-            metrics["grpo/trained_cells"] = float((weights > 0).float().mean())
-        return StepResult(updated=updated, metrics=metrics)
+        """`inner_epochs` updates on rewards [B] (or soft values [B]): alignment/grpo_learner.py, here or on
+        every learner rank (each on its share of the micro batches)."""
+        if self.remote is not None:
+            return self.remote.update(self.state.step, batch, rewards, values)
+        return grpo_update(self.learner, self.loss_fn, self.config, self.state.step, batch, rewards, values)
 
     def loss_fn(self, model: NextStepModel, mb: GrpoMicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        config, bundle = self.config, self.bundle
-        ref_means = None
-        if config.beta > 0:  # the reference pass first: under LoRA it runs with the adapters off
-            with self.learner.reference() as ref:
-                ref_means = reference_means(ref, bundle.tokenizer, bundle.ids, mb.batch, config.train_with_guidance)
-        loss, metrics = grpo_objective(
-            model, None, bundle.tokenizer, bundle.ids, mb.batch, mb.advantages, mb.weights,
-            config.resolved_clip_eps, config.beta, config.train_with_guidance, config.kl_scale, ref_means=ref_means,
-        )  # fmt: skip
-        return loss * mb.scale, metrics
+        return grpo_loss(self.config, self.bundle, self.learner, model, mb)
 
-    def sync_weights(self) -> None:
-        """Broadcast the learner's weights as `state.policy_version` to every rollout worker."""
-        weights = self.learner.policy_weights()
-        self.rollout_pool.call_all("load_weights", weights, self.state.policy_version, sticky=True)
+    def sync_weights(self) -> int:
+        """The learner's weights as `state.policy_version` to every rollout worker, cast to the sync dtype;
+        returns the bytes sent (once, whatever the number of workers)."""
+        version, dtype = self.state.policy_version, self.config.sync_dtype
+        if self.remote is not None:  # learner rank 0 -> the weight group, bucket by bucket
+            return self.remote.sync_weights(self.rollout_pool, version)
+        weights = cast_state(self.learner.policy_weights(), getattr(torch, dtype))  # in-process: the same rounding
+        self.rollout_pool.call_all("load_weights", weights, version, sticky=True)
+        return state_bytes(weights, getattr(torch, dtype))
+
+    def save(self) -> None:
+        """With learner ranks on Ray the ranks write the learner's part (rank 0 the published model, every
+        rank its DeepSpeed state), the driver the rest; in-process as every trainer does."""
+        if self.remote is None:
+            return super().save()
+        step_dir = staging_dir(self.run_dir, self.state.step)
+        self.remote.save(step_dir, self.checkpoint_dtype)
+        self.save_extra(step_dir)
+        finish_checkpoint(self.run_dir, step_dir, self.state, self.config.keep_last)
 
     def save_extra(self, step_dir: Path) -> None:
         reward_states = self.reward_pool.call_all("state_dict")
@@ -231,9 +275,12 @@ class GrpoTrainer(Trainer):
 
     def cleanup(self) -> None:
         super().cleanup()
-        for pool in (self.rollout_pool, self.reward_pool):
+        for pool in (self.remote, self.rollout_pool, self.reward_pool):
             if pool is not None:
                 pool.shutdown()
+        if self.shared is not None:  # after both pools in it
+            self.shared.release()
+            self.shared = None
 
 
 def run_grpo(config: GrpoConfig) -> Path:

@@ -2,7 +2,16 @@
 
 Loss = 0.01 CE(text) + 1.0 FM(image) (NextStep-1). Data (alignment/sft_data.py): a Parquet file with a
 caption column and an image column (PNG/JPEG bytes), or WebDataset tar shards (a .tar, a directory of
-them, or a brace pattern); images are centre-cropped, resized and encoded by the frozen VAE.
+them, or a brace pattern). Images stay compressed in memory until a micro batch needs them: then they are
+decoded, centre-cropped, resized and encoded by the frozen VAE on the learner's device (nothing is encoded
+up front, so start-up does not grow with the dataset beyond reading its bytes).
+
+Data parallel (torchrun / deepspeed launcher): a step trains on `micro_batch_samples x
+micro_batches_per_step` samples of the seeded stream whatever the number of ranks; rank r takes the r-th
+contiguous share of its micro batches (micro_batches_per_step must divide by the ranks). Each micro
+batch's flow-matching noise comes from a generator seeded by its stream position, so N ranks compute the
+gradients one process would (averaged by DeepSpeed; metrics averaged over the ranks). Rank 0 alone writes
+metrics, the published model and `latest`; every rank its DeepSpeed state.
 Checkpoints every `checkpoint_every` steps in the published layout + DeepSpeed state + trainer
 state; the same command after a kill resumes from `latest` (same data order, same RNG).
 """
@@ -10,7 +19,6 @@ state; the same command after a kill resumes from `latest` (same data order, sam
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,9 +26,11 @@ import torch
 
 from alignment.learner import Learner
 from alignment.learner_config import LearnerConfig
-from alignment.sft_data import SftDataConfig, load_pairs
+from alignment.model_source import open_model
+from alignment.ranks import check_divisible, rank, rank_share, world_size
+from alignment.sft_data import SftDataConfig, load_samples
 from alignment.trainer import Trainer
-from base_model.checkpoint import read_state_dict, resolve_model, save_published
+from base_model.checkpoint import read_state_dict, save_published
 from base_model.model import NextStepModel
 from base_model.sequence import (
     DEFAULT_MAX_PROMPT_TOKENS,
@@ -42,8 +52,8 @@ class SftConfig:
     model: str = "tiny"  # checkpoint directory or a random preset (tiny, mid)
     data: SftDataConfig = field(default_factory=SftDataConfig)
     steps: int = 100
-    micro_batch_samples: int = 4
-    micro_batches_per_step: int = 1
+    micro_batch_samples: int = 4  # per rank and forward pass
+    micro_batches_per_step: int = 1  # over all ranks (a multiple of the number of ranks)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     checkpoint_every: int = 50
     keep_last: int = 3
@@ -68,10 +78,13 @@ class SftConfig:
             raise ConfigError(f"{where}.caption_dropout: must be in [0, 1), got {self.caption_dropout}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"{where}.ema_decay: must be in (0, 1), got {self.ema_decay}")
+        check_divisible(f"{where}.micro_batches_per_step", self.samples_per_step, self.micro_batch_samples,
+                        world_size(), "samples")  # fmt: skip
         self.learner.validate(f"{where}.learner")
 
     @property
     def samples_per_step(self) -> int:
+        """Samples of one optimizer step over all ranks."""
         return self.micro_batch_samples * self.micro_batches_per_step
 
 
@@ -91,14 +104,10 @@ def ema_update(ema: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], d
         ema[name].mul_(decay).add_(value.float(), alpha=1.0 - decay)
 
 
-def refuse_several_ranks(world_size: int) -> None:
-    """SFT has no data-parallel split yet: under a launcher every rank would train the same batches and
-    write the same run directory, so it refuses to start rather than do that work N times."""
-    if world_size > 1:
-        raise ConfigError(
-            f"nsalign sft runs as a single process for now (WORLD_SIZE={world_size}): start it without "
-            "torchrun/deepspeed; data-parallel SFT is not implemented yet"
-        )
+def noise_generator(seed: int, position: int) -> torch.Generator:
+    """The flow-matching (t, noise) generator of the micro batch starting at stream `position`: the same
+    on any rank and after a resume."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + 104_729 + position)
 
 
 class SftTrainer(Trainer):
@@ -107,24 +116,24 @@ class SftTrainer(Trainer):
     job = "sft"
 
     def __init__(self, config: SftConfig):
-        super().__init__(config)
+        super().__init__(config, lead=rank() == 0)
         self.config: SftConfig = config
-        self.ema: dict[str, torch.Tensor] | None = None  # fp32 on the CPU when config.ema_decay is set
+        self.me, self.world = rank(), world_size()
+        self.ema: dict[str, torch.Tensor] | None = None  # fp32 on rank 0's CPU when config.ema_decay is set
 
     def setup(self) -> None:
         config = self.config
-        refuse_several_ranks(int(os.environ.get("WORLD_SIZE", "1")))
-        self.captions, images = load_pairs(config.data)  # captions [N], images uint8 [N, 3, S, S]
+        self.samples = load_samples(config.data)  # captions [N] and image bytes [N], decoded per micro batch
+        self.captions = self.samples.captions
         torch.manual_seed(config.seed)
-        self.bundle = resolve_model(config.model, seed=config.seed)
-        if note := truncation_note("sft", "max_prompt_tokens", self.bundle.tokenizer, self.captions,
-                                   config.max_prompt_tokens):  # fmt: skip
+        source = open_model(config.model, seed=config.seed)
+        if self.lead and (note := truncation_note("sft", "max_prompt_tokens", source.tokenizer, self.captions,
+                                                  config.max_prompt_tokens)):  # fmt: skip
             print(note)
-        with torch.no_grad():  # the VAE is frozen: encode the data once
-            self.tokens = torch.cat(
-                [self.bundle.vae.encode(images[s : s + 64].float() / 127.5 - 1) for s in range(0, len(images), 64)]
-            )  # [N, T, 64]
-        self.learner = Learner(self.bundle.model.train(), config.learner)
+        # a rendezvous of all ranks; under ZeRO-3 the model is built partitioned (zero.Init), then loaded
+        self.learner = Learner.from_source(source.build, source.read, config.learner, where=source.where)
+        self.bundle = source.bundle(self.learner.model)
+        self.bundle.vae.to(self.learner.device)  # frozen: encodes each micro batch where the model trains
 
     def describe(self) -> str:
         config = self.config
@@ -136,32 +145,48 @@ class SftTrainer(Trainer):
     def opened(self, resumed_from: Path | None) -> None:
         if self.config.ema_decay is None:
             return
-        # fp32 on the CPU; saved in fp32 unless bf16, so a resume continues it exactly
-        start = self.learner.policy_weights()
+        # fp32 on the CPU of rank 0; saved in fp32 unless bf16, so a resume continues it exactly
+        start = self.learner.policy_weights(rank0_only=True)  # collective under ZeRO-3
+        if not self.lead:
+            return
         self.ema = start if resumed_from is None else {**start, **read_state_dict(resumed_from / "ema", torch.float32)}
 
     def step(self) -> dict[str, float] | None:
         config, state = self.config, self.state
         order = sample_order(len(self.captions), config.seed, state.consumed_prompts, config.samples_per_step)
         drops = dropped_captions(config.seed, state.consumed_prompts, config.samples_per_step, config.caption_dropout)
-        items = list(zip(order, drops))
+        positions = range(state.consumed_prompts, state.consumed_prompts + config.samples_per_step)
+        stream = list(zip(order, drops, positions))  # (sample index, caption dropped, stream position)
+        items = [stream[i] for i in rank_share(len(stream), self.me, self.world)]  # this rank's contiguous share
         micro = [items[i : i + config.micro_batch_samples] for i in range(0, len(items), config.micro_batch_samples)]
         result = self.learner.step(micro, self.loss_fn)
         state.consumed_prompts += config.samples_per_step  # a skipped attempt passes its samples over
         if not result.updated:
             return None
-        if self.ema is not None:
-            ema_update(self.ema, self.learner.policy_weights(), config.ema_decay)
+        if config.ema_decay is not None:
+            weights = self.learner.policy_weights(rank0_only=True)  # every rank: collective under ZeRO-3
+            if self.ema is not None:
+                ema_update(self.ema, weights, config.ema_decay)
         return result.metrics
 
-    def loss_fn(self, model: NextStepModel, items: list[tuple[int, bool]]) -> tuple[torch.Tensor, dict[str, float]]:
-        """items: (sample index, caption dropped) of one micro batch."""
-        idx = [i for i, _ in items]
-        texts = ["" if drop else self.captions[i] for i, drop in items]  # "": the unconditional caption of CFG
+    def encode(self, indices: list[int]) -> torch.Tensor:
+        """Image tokens [B, T, 64] of samples `indices`: decoded now, encoded by the frozen VAE on its device."""
+        images = self.samples.images(indices).to(self.learner.device)  # uint8 [B, 3, S, S]
+        vae = self.bundle.vae
+        with torch.no_grad():
+            return vae.encode(images.to(next(vae.parameters()).dtype) / 127.5 - 1).float()
+
+    def loss_fn(
+        self, model: NextStepModel, items: list[tuple[int, bool, int]]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """items: (sample index, caption dropped, stream position) of one micro batch."""
+        idx = [i for i, _, _ in items]
+        texts = ["" if drop else self.captions[i] for i, drop, _ in items]  # "": the unconditional caption of CFG
         size = (self.config.data.image_size,) * 2
         batch = build_prompt_batch(self.bundle.tokenizer, self.bundle.ids, texts, size, False,
                                    max_prompt_tokens=self.config.max_prompt_tokens)  # fmt: skip
-        out = sft_loss(model, batch, self.bundle.ids, self.tokens[idx])
+        generator = noise_generator(self.config.seed, items[0][2])
+        out = sft_loss(model, batch, self.bundle.ids, self.encode(idx), generator=generator)
         return out.loss, {"sft/text_ce": float(out.text_ce), "sft/flow_matching": float(out.flow_matching)}
 
     def save_extra(self, step_dir: Path) -> None:
@@ -182,5 +207,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(SftConfig, args.config, args.overrides)
     out = run_sft(config)
-    print(f"sft: done; checkpoints in {out}")
+    if rank() == 0:
+        print(f"sft: done; checkpoints in {out}")
     return 0

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from PIL import Image
 
@@ -28,6 +31,8 @@ from core.formats import PREFS_DATA_DIR, PREFS_MANIFEST, SHARD_GLOB
 from core.tables import concat_same_schema, read_columns
 
 DATA_DIR, MANIFEST = PREFS_DATA_DIR, PREFS_MANIFEST  # core/formats.py names every result file once
+TOKEN_COLUMNS = ("chosen_tokens", "rejected_tokens")  # [T][D] numbers per row, read without Python lists
+READ_THREADS = min(8, os.cpu_count() or 1)  # shards decoded at once by read_pairs
 
 
 def pairs_schema(reward_names: list[str]) -> pa.Schema:
@@ -93,31 +98,97 @@ def sampled_image_size(sampling_json: str | None, where: str | Path) -> int:
     return size
 
 
+def regular_lists(array: pa.Array) -> tuple[int, pa.Array] | None:
+    """A list array whose rows hold the same number of values each, none null -> (that number, the
+    rows' values flattened, slice offsets applied); None when it is ragged, has nulls or is not a list."""
+    is_list = pa.types.is_list(array.type) or pa.types.is_large_list(array.type)
+    if not (is_list or pa.types.is_fixed_size_list(array.type)) or array.null_count or len(array) == 0:
+        return None
+    lengths = pc.list_value_length(array).to_numpy()  # [rows]
+    if (lengths != lengths[0]).any():
+        return None
+    return int(lengths[0]), array.flatten()
+
+
+def token_block(chunk: pa.Array) -> np.ndarray | None:
+    """One chunk of a [rows][T][D] list-of-lists column of numbers -> numpy [rows, T, D] viewing Arrow's
+    value buffer (no copy, no Python object per number); None when the chunk is not such an array."""
+    outer = regular_lists(chunk)  # T, [rows * T] lists
+    inner = regular_lists(outer[1]) if outer else None  # D, [rows * T * D] numbers
+    if inner is None:
+        return None
+    values = inner[1]
+    if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)) or values.null_count:
+        return None
+    return values.to_numpy(zero_copy_only=True).reshape(len(chunk), outer[0], inner[0])
+
+
+def shard_tokens(path: Path) -> dict[str, list[np.ndarray]]:
+    """Both token columns of one shard: name -> numpy blocks [rows of a row group, T, D] over Arrow's
+    buffers (the blocks keep the shard's table alive until they are dropped)."""
+    table = read_columns(path, {name: "list" for name in TOKEN_COLUMNS}, "preference shard")
+    blocks = {name: [token_block(chunk) for chunk in table.column(name).chunks if len(chunk)] for name in TOKEN_COLUMNS}
+    for name, parts in blocks.items():
+        if any(b is None for b in parts) or len({b.shape[1:] for b in parts}) > 1:
+            raise UserError(f"{path}: column '{name}' is not a [pairs, tokens, dims] array of numbers")
+    return blocks
+
+
+def read_tokens(paths: list[Path], counts: list[int]) -> dict[str, torch.Tensor]:
+    """Token columns of shards `paths` (of `counts` pairs each) -> name -> fp32 [sum(counts), T, D].
+
+    The first shard with pairs fixes T and D; the shards are read READ_THREADS at a time (pyarrow and
+    numpy release the GIL), each copied once into its rows of the result (cast to fp32 there) and
+    dropped, so memory peaks at the result plus the shards in flight, never at a Python object per number."""
+    starts = np.cumsum([0, *counts])  # [shards + 1] first row of each shard
+    first = next(i for i, n in enumerate(counts) if n)
+    head = shard_tokens(paths[first])
+    out = {
+        name: torch.empty((int(starts[-1]), *parts[0].shape[1:]), dtype=torch.float32) for name, parts in head.items()
+    }
+
+    def fill(i: int, blocks: dict[str, list[np.ndarray]]) -> None:
+        for name, parts in blocks.items():
+            if parts and parts[0].shape[1:] != tuple(out[name].shape[1:]):
+                raise UserError(f"{paths[i]}: column '{name}' is not a [pairs, tokens, dims] array of numbers")
+            row = int(starts[i])
+            for block in parts:
+                out[name].numpy()[row : row + len(block)] = block
+                row += len(block)
+
+    fill(first, head)
+    del head
+    rest = [i for i in range(first + 1, len(paths)) if counts[i]]
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        for _ in pool.map(lambda i: fill(i, shard_tokens(paths[i])), rest):  # in order: the first bad shard is named
+            pass
+    return out
+
+
 def read_pairs(directory: str | Path) -> PreferencePairs:
     """All pairs of a build-prefs output directory (or one shard file)."""
     paths = shard_paths(directory)
     if not paths:
         raise UserError(f"no preference shards in {directory} (expected {DATA_DIR}/{SHARD_GLOB})")
-    cols = {"prompt": "string", "chosen_tokens": "list", "rejected_tokens": "list", "chosen_reward": "number",
-            "rejected_reward": "number", "sampling": "string"}  # fmt: skip
+    cols = {"prompt": "string", "chosen_reward": "number", "rejected_reward": "number", "sampling": "string"}
     tables = [read_columns(p, cols, "preference shard") for p in paths]  # one-line errors naming file and column
     table = concat_same_schema(tables, paths)
     if table.num_rows == 0:
         raise UserError(f"{directory}: the preference dataset has no pairs")
-    sizes = {sampled_image_size(s, directory) for s in table.column("sampling").to_pylist()}
+    sizes = {sampled_image_size(s, directory) for s in pc.unique(table.column("sampling")).to_pylist()}
     if len(sizes) != 1:
         raise UserError(f"{directory}: pairs of several image sizes {sorted(sizes)}")
 
-    def tokens(name: str) -> torch.Tensor:
-        try:
-            return torch.tensor(table.column(name).to_pylist(), dtype=torch.float32)
-        except (ValueError, TypeError):  # ragged or null rows
-            raise UserError(f"{directory}: column '{name}' is not a [pairs, tokens, dims] array of numbers") from None
+    def rewards(name: str) -> torch.Tensor:
+        column = table.column(name)
+        if column.null_count:
+            raise UserError(f"{directory}: column '{name}' has {column.null_count} empty rows")
+        return torch.from_numpy(np.array(column.to_numpy(), dtype=np.float32))  # [N], a copy torch may write to
 
+    tokens = read_tokens(paths, [t.num_rows for t in tables])
     return PreferencePairs(
         prompts=table.column("prompt").to_pylist(),
-        chosen_tokens=tokens("chosen_tokens"), rejected_tokens=tokens("rejected_tokens"),
-        chosen_reward=torch.tensor(table.column("chosen_reward").to_pylist(), dtype=torch.float32),
-        rejected_reward=torch.tensor(table.column("rejected_reward").to_pylist(), dtype=torch.float32),
+        chosen_tokens=tokens["chosen_tokens"], rejected_tokens=tokens["rejected_tokens"],
+        chosen_reward=rewards("chosen_reward"), rejected_reward=rewards("rejected_reward"),
         image_size=sizes.pop(),
     )  # fmt: skip

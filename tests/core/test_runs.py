@@ -74,3 +74,13 @@ def test_trainer_state_counters_are_typed_and_old_files_with_extra_still_load(tm
     (step_dir / "trainer_state.json").write_text(json.dumps({**old, "extra": {"unknown": 1}}))
     with pytest.raises(CheckpointError, match="not a trainer state"):
         load_trainer_state(step_dir)
+
+
+def test_metrics_are_named_area_slash_name(tmp_path) -> None:
+    logger = MetricsLogger(tmp_path)
+    logger.log(1, {"train/loss": 0.5})
+    with pytest.raises(ValueError, match=r"\['policy_version', '/x'\]"):
+        logger.log(2, {"train/loss": 0.4, "policy_version": 1.0, "/x": 2.0})
+    logger.close()
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] and rows[0]["train/loss"] == 0.5

@@ -169,7 +169,7 @@ def nan_losses(monkeypatch, job: str, bad_calls: set[int] | None) -> None:
     module, where it looks the loss up."""
     module, name = {"sft": ("jobs.sft", "sft_loss"),
                     "dpo": ("jobs.dpo", "diffusion_dpo_loss"),
-                    "grpo": ("jobs.grpo", "grpo_objective")}[job]  # fmt: skip
+                    "grpo": ("alignment.grpo_learner", "grpo_objective")}[job]  # fmt: skip
     target = importlib.import_module(module)
     real, calls = getattr(target, name), []
 
@@ -305,10 +305,11 @@ def test_a_read_only_run_dir_is_one_line(tmp_path, capsys):
         (tmp_path / "runs" / "r").chmod(0o755)
 
 
-def test_sft_refuses_several_ranks_instead_of_training_the_same_batches_on_each(monkeypatch, tmp_path, capsys):
-    """Under torchrun (WORLD_SIZE=2) every rank would run identical steps and write one run dir twice."""
+def test_sft_refuses_a_step_that_does_not_split_over_the_ranks(monkeypatch, tmp_path, capsys):
+    """Under torchrun (WORLD_SIZE=2) each rank trains whole micro batches of the step: 1 x 4 samples cannot split."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     config = tmp_path / "sft.yaml"
     data = tmp_path / "d.parquet"
     config.write_text(f"run_name: r\nruns_root: {tmp_path / 'runs'}\nmodel: tiny\ndata: {{path: {data}}}\n")
-    run_bad_input(BadInput("sft x2", ["sft", str(config)], "single process", [tmp_path]), capsys)
+    run_bad_input(BadInput("sft x2", ["sft", str(config)], "not a multiple of micro batch x ranks (4 x 2)", [tmp_path]),
+                  capsys)  # fmt: skip

@@ -161,7 +161,7 @@ def test_resume_equals_a_straight_run_and_health_metrics(tmp_path):
                 "grpo/kept_groups", "grpo/clip_frac", "grpo/approx_kl", "grpo/kl", "train/grad_norm",
                 "train/lr", "samples/s", "time/rollout_s", "time/reward_s", "time/learn_s", "time/sync_s"):  # fmt: skip
         assert key in first, key
-    assert [r["policy_version"] for r in rows] == [1, 2, 3, 4]
+    assert [r["grpo/policy_version"] for r in rows] == [1, 2, 3, 4]
     assert sorted(p.name for p in straight.glob("step_*")) == ["step_000002", "step_000004"]
     assert (straight / "latest").read_text().strip() == "step_000004"
     state = json.loads((straight / "step_000004" / "trainer_state.json").read_text())
@@ -193,7 +193,7 @@ def test_soft_value_run_logs_its_metrics_in_prefix_updates_only(tmp_path):
             "train_part.prefix_updates=1"]  # fmt: skip
     run = run_grpo(load_config(GrpoConfig, SOFT_VALUE, args))  # a prefix update, then a suffix update
     rows = _rows(run)
-    assert [r["step"] for r in rows] == [1, 2] and [r["policy_version"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [1, 2] and [r["grpo/policy_version"] for r in rows] == [1, 2]
     for row in rows[:1]:
         for key in ("grpo/soft_value/mean", "grpo/soft_value/std", "grpo/continuation_reward/mean",
                     "time/soft_value_s"):  # fmt: skip
@@ -216,7 +216,9 @@ def test_cps_with_kl_trains_and_logs_the_on_policy_clip_share(tmp_path, capsys):
     last CPS step (std 0); now every step updates, the KL is finite, and step 0's clipped share is logged."""
     run = run_grpo(_config(tmp_path, "cps", "steps=2", "sampling.sde_kind=cps"))
     rows = _rows(run)
-    assert [r["policy_version"] for r in rows] == [1.0, 2.0] and all(r["train/skipped_nonfinite"] == 0 for r in rows)
+    assert [r["grpo/policy_version"] for r in rows] == [1.0, 2.0] and all(
+        r["train/skipped_nonfinite"] == 0 for r in rows
+    )
     assert all(math.isfinite(r["grpo/kl"]) for r in rows) and rows[1]["grpo/kl"] > 0
     assert rows[0]["grpo/clip_frac_on_policy"] == 0.0  # fp32 rollouts and learner agree
     assert "grpo: step 0, before any update: 0.0% of trained cells clipped" in capsys.readouterr().out

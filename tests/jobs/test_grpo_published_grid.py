@@ -24,7 +24,7 @@ def test_grpo_trains_the_sde_steps_of_the_published_grid(tmp_path):
                  "sampling.time_grid=final_euler", "kl_scale=flow_grpo"]  # fmt: skip
     run = run_grpo(load_config(GrpoConfig, TINY, overrides))
     rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["policy_version"] for r in rows] == [1.0, 2.0]
+    assert [r["grpo/policy_version"] for r in rows] == [1.0, 2.0]
     assert rows[0]["grpo/logprob_diff"] < 1e-4 and rows[0]["grpo/clip_frac_on_policy"] == 0.0
     assert all(math.isfinite(r["grpo/kl"]) for r in rows) and rows[1]["grpo/kl"] > 0
 

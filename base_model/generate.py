@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from base_model.checkpoint import NextStepBundle
+from base_model.cuda_graphs import sample_tokens_static, use_cuda_graphs
 from base_model.sampler import SampleResult, SamplingConfig, sample_tokens
 from base_model.sequence import build_prompt_batch
 from base_model.vae import to_uint8
@@ -33,13 +34,17 @@ def sample_prompts(
     prefix_tokens: torch.Tensor | None = None,
 ) -> SampleResult:
     """Tokens (and optionally chains / log-probs) for prompts[i] with seeds[i]; prefix_tokens [B, m, 64]:
-    continue from these first m tokens (see `sample_tokens`)."""
+    continue from these first m tokens (see `sample_tokens`). On CUDA (sampling.cuda_graphs) the
+    static-shape loop replayed from CUDA graphs computes them (`sample_tokens_static`)."""
     batch = build_prompt_batch(
         bundle.tokenizer, bundle.ids, prompts, (sampling.image_size, sampling.image_size),
         with_uncond=sampling.uses_guidance, negative_prompt=sampling.negative_prompt,
         max_prompt_tokens=sampling.max_prompt_tokens,
     )  # fmt: skip
     seeds = torch.as_tensor(seeds, dtype=torch.int64)
+    if use_cuda_graphs(sampling.cuda_graphs, bundle.model.device):
+        return sample_tokens_static(bundle.model, batch, seeds, sampling, record_chains=record_chains,
+                                    progress=progress, prefix_tokens=prefix_tokens, use_graphs=True)  # fmt: skip
     return sample_tokens(
         bundle.model, batch, seeds, sampling, record_chains=record_chains, progress=progress,
         prefix_tokens=prefix_tokens,

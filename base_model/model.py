@@ -13,8 +13,10 @@ import warnings
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.modeling_utils import AttentionInterface
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
 from base_model.config import NextStepConfig
@@ -61,14 +63,54 @@ def apply_bias_layout(layer: Qwen2DecoderLayer, config: NextStepConfig) -> None:
                                             device=w.device, dtype=w.dtype))  # fmt: skip
 
 
+GROUPED_SDPA = "nextstep_grouped_sdpa"  # our attention function's name in transformers' registry
+
+
+def grouped_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """GQA without repeat_kv: each kv head's G = Hq/Hkv query heads are folded into the query axis.
+
+    query [R, Hq, Lq, D]; key, value [R, Hkv, Lk, D] (the whole preallocated cache, read as it is);
+    attention_mask [R, 1, Lq, Lk'] bool (Lk' >= Lk) or None -> (out [R, Lq, Hq, D], None).
+    Query head h = kv * G + i (repeat_kv's order) becomes row i * Lq + l of kv head kv, so every SDPA
+    kernel that takes a mask sees plain multi-head attention over Hkv heads; transformers' SDPA path
+    instead copies the cache G times per layer per step (its enable_gqa needs mask None).
+    """
+    r, hq, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    if attention_mask is None:  # unmasked (causal) calls keep the query layout
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling,
+                                             is_causal=lq > 1, enable_gqa=True)  # fmt: skip
+        return out.transpose(1, 2).contiguous(), None
+    g = hq // hkv
+    q = query.reshape(r, hkv, g * lq, d)  # [R, Hkv, G*Lq, D]
+    mask = attention_mask[..., :lk]  # [R|1, 1, Lq, Lk]
+    mask = mask[:, :, None].expand(-1, -1, g, -1, -1).reshape(mask.shape[0], 1, g * lq, lk)  # a view when Lq = 1
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    return out.view(r, hq, lq, d).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_attention)
+
+
 def pick_attention(config: NextStepConfig) -> str:
-    """SDPA (default) or eager. Our masks are 4-D boolean (left padding + preallocated cache), which
-    transformers' flash-attention-2 path does not take, so a flash_attention_2 request falls back to
-    SDPA (its memory-efficient / cuDNN kernels accept the mask) with a warning."""
-    want = getattr(config, "_attn_implementation_internal", None) or "sdpa"
+    """Grouped SDPA (default), transformers' "sdpa" (repeat_kv; kept for comparisons) or eager.
+
+    Our masks are 4-D boolean (left padding + preallocated cache), which transformers'
+    flash-attention-2 path does not take, so a flash_attention_2 request falls back to grouped SDPA
+    (PyTorch's memory-efficient / cuDNN kernels accept the mask) with a warning."""
+    want = getattr(config, "_attn_implementation_internal", None) or GROUPED_SDPA
     if want == "flash_attention_2":
-        warnings.warn("flash_attention_2 is not wired for 4-D masks yet; using SDPA", stacklevel=2)
-    return want if want == "eager" else "sdpa"
+        warnings.warn("flash_attention_2 is not wired for 4-D masks yet; using grouped SDPA", stacklevel=2)
+    return want if want in ("eager", "sdpa") else GROUPED_SDPA
 
 
 class KVCache:
@@ -167,6 +209,9 @@ class NextStepModel(nn.Module):
         key_valid [R, Lk] bool (Lk = cache.max_len with a cache, else Lq) -> normed hidden [R, Lq, H].
         """
         mask = attention_mask_4d(key_valid, positions)
+        if self.config._attn_implementation == "eager":  # transformers' eager path adds the mask to the scores
+            mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(embeds.dtype).min)  # fmt: skip
         position_ids = positions[None].expand(embeds.shape[0], -1)
         pos_emb = self.rotary_emb(embeds, position_ids)
         h = embeds
@@ -187,12 +232,17 @@ class NextStepModel(nn.Module):
         return self.backbone(self.embed(input_ids, image_tokens), attention_mask, positions)
 
     # -- image side -----------------------------------------------------------------------------
-    def image_condition(self, hidden: torch.Tensor, token_index: int = 0) -> torch.Tensor:
+    def image_condition(self, hidden: torch.Tensor, token_index: int | torch.Tensor = 0) -> torch.Tensor:
         """Normed hidden state -> head condition image_out_projector(h_j + gen_pos_embed[j]).
 
         hidden [R, H] conditions image token j = token_index; [R, T, H] tokens token_index..+T-1.
         The position term is NextStep's pipeline's, added only when config.use_gen_pos_embed.
+        A 0-d long tensor token_index (hidden [R, H] only) is read on the device: no host sync, the
+        same kernels whatever j (CUDA graphs); the caller checks it against the table's size.
         """
+        if self.config.use_gen_pos_embed and isinstance(token_index, torch.Tensor):
+            pos = self.gen_pos_embed[0].index_select(0, token_index.reshape(1))  # [1, H]
+            return self.image_out_projector(hidden + pos.to(hidden.dtype))
         if self.config.use_gen_pos_embed:
             n = hidden.shape[1] if hidden.ndim == 3 else 1
             table = self.gen_pos_embed[0]  # [G*G, H]

@@ -60,6 +60,9 @@ class SamplingConfig:
     # counter: a pure function of (seed, token, step), whatever the batch. published: the published
     # pipelines' torch-generator draws; a batch's seeds must be s, s+1, ... (flow.PublishedNoise)
     noise: NoiseKind = "counter"
+    # the static-shape loop replayed from CUDA graphs (base_model/cuda_graphs.py): same tokens, one graph
+    # replay per head loop and per decode step. None: on for a model on CUDA, off elsewhere
+    cuda_graphs: bool | None = None
 
     def validate(self, where: str = "sampling") -> None:
         if self.image_size <= 0 or self.image_size % 16:

@@ -7,29 +7,37 @@ For the `tiny` and `mid` presets (random weights, 64x64 images = 16 tokens, cfg 
     recompute-everything (no cache: every token reruns the whole sequence);
   * per-token time at 64 vs 1024 image tokens (128 vs 512 px) with the cache;
   * share of decode time spent in the backbone vs the flow head.
-With --device-preset nextstep-1-large (on a CUDA machine): bf16 per-token latency of the full-size
-architecture (random weights) against the paper's 7.2 ms backbone + 3.4 ms head on an H100, and
-images/s at 512^2 with 64 images in flight.
+  * the attention before/after issue 16 in the same run: transformers' SDPA (repeat_kv over the whole
+    preallocated cache) against our grouped SDPA, and the static-shape loop (what CUDA graphs replay,
+    here eager) against the reference loop.
+With --device cuda: the table of bench/sampling_cuda.py instead (eager vs CUDA graphs, --preset full =
+the published 14B architecture with random bf16 weights: per-token backbone/head ms at batch 1 against
+the paper's 7.2 + 3.4 ms on an H100, images/s at 512^2 with 64 in flight against the 1.5 target).
 
     python bench/sampling.py [--quick] [--out bench/results/sampling_cpu.md]
-    python bench/sampling.py --quick --device-preset nextstep-1-large --device cuda --out bench/results/sampling_h100.md
+    python bench/sampling.py --device cuda [--preset full] [--out bench/results/gpu_sampling.md]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
 
-import base_model  # noqa: F401
-from base_model.checkpoint import build_random
-from base_model.flow import combine_guidance, head_step, time_grid
-from base_model.model import KVCache
-from base_model.sampler import SamplingConfig, sample_token, sample_tokens, token_norm
-from base_model.sequence import append_image_block, build_prompt_batch
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repository, when run as a script
+
+from sampling_cuda import cuda_table  # noqa: E402  (bench/ is first on sys.path when run as a script)
+
+from base_model.checkpoint import build_random  # noqa: E402
+from base_model.cuda_graphs import release_runners, sample_tokens_static  # noqa: E402
+from base_model.flow import combine_guidance, head_step, time_grid  # noqa: E402
+from base_model.model import KVCache  # noqa: E402
+from base_model.sampler import SamplingConfig, sample_token, sample_tokens, token_norm  # noqa: E402
+from base_model.sequence import append_image_block, build_prompt_batch  # noqa: E402
 
 PROMPTS = [f"a photo of {n} {c} {s}" for n in ("one", "two") for c in ("red", "blue", "green", "gold")
            for s in ("circles", "squares")]  # fmt: skip
@@ -43,11 +51,25 @@ def timed(fn, repeats: int = 1) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def ours(bundle, prompts, sampling, batch_size):
+def ours(bundle, prompts, sampling, batch_size, loop=sample_tokens):
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s : s + batch_size]
         pb = build_prompt_batch(bundle.tokenizer, bundle.ids, chunk, (sampling.image_size,) * 2, sampling.uses_guidance)
-        sample_tokens(bundle.model, pb, torch.arange(s, s + len(chunk)), sampling)
+        loop(bundle.model, pb, torch.arange(s, s + len(chunk)), sampling)
+
+
+def static_eager(model, pb, seeds, sampling):
+    sample_tokens_static(model, pb, seeds, sampling, use_graphs=False)
+
+
+def with_attention(bundle, name: str, fn, *args):
+    """fn(*args) with the model's attention implementation set to `name` (transformers' "sdpa" = repeat_kv)."""
+    old = bundle.model.config._attn_implementation
+    bundle.model.config._attn_implementation = name
+    try:
+        return fn(*args)
+    finally:
+        bundle.model.config._attn_implementation = old
 
 
 @torch.no_grad()
@@ -128,77 +150,23 @@ def split_backbone_head(bundle, sampling, batch_size):
     return timed(backbone_steps) / t, timed(head_steps) / t
 
 
+@torch.no_grad()
+def decode_step_time(bundle, batch_size, image_size):
+    """Seconds of one backbone decode step at the last image token (the whole preallocated cache in use)."""
+    model = bundle.model
+    pb = build_prompt_batch(bundle.tokenizer, bundle.ids, PROMPTS[:batch_size], (image_size,) * 2, True)
+    rows, max_len = pb.input_ids.shape[0], pb.prompt_len + pb.num_image_tokens
+    cache = KVCache(model.config, rows, max_len, model.dtype, "cpu")
+    valid = torch.ones(rows, max_len, dtype=torch.bool)
+    emb = torch.randn(rows, 1, model.config.hidden_size)
+    pos = torch.tensor([max_len - 1])
+    return timed(lambda: model.backbone(emb, valid, pos, cache), repeats=5)
+
+
 def per_token_time(bundle, image_size, steps):
     sampling = SamplingConfig(image_size=image_size, cfg_scale=7.5, num_head_steps=steps)
     tokens = (image_size // 16) ** 2
     return timed(lambda: ours(bundle, PROMPTS[:1], sampling, 1)) / tokens
-
-
-def random_model_on(preset: str, device: str, dtype: torch.dtype):
-    """Full-size (or any preset) architecture with random weights built directly on `device`."""
-    from base_model.config import preset_config
-    from base_model.model import NextStepModel
-    from base_model.tokenizer import build_tiny_tokenizer, special_ids
-
-    ids = special_ids(build_tiny_tokenizer())
-    config = preset_config(preset)
-    if config.image_placeholder_id is None:  # small presets: take the special ids of the byte tokenizer
-        config = preset_config(preset, boi=ids.boi, eoi=ids.eoi, image_placeholder_id=ids.placeholder)
-    with torch.device("meta"):
-        model = NextStepModel(config).to(dtype)  # cast on meta: the 14B model never exists in fp32
-    model.to_empty(device=device)
-    model.init_weights(std=0.02)
-    for m in model.modules():  # norms: unit scale
-        if hasattr(m, "weight") and m.weight is not None and m.weight.ndim == 1:
-            torch.nn.init.ones_(m.weight)
-    return model.place(device=device, dtype=dtype).eval()
-
-
-@torch.no_grad()
-def device_section(preset: str, device: str, in_flight: int, image_size: int, steps: int) -> list[str]:
-    """Per-token latency (batch 1, CFG) of backbone and head, and images/s with `in_flight` samples."""
-    from base_model.tokenizer import build_tiny_tokenizer, special_ids
-
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = random_model_on(preset, device, dtype)
-    tok = build_tiny_tokenizer()  # prompt text only: its ids are valid rows of any larger vocabulary
-    ids = special_ids(tok)
-    config = model.config
-    sampling = SamplingConfig(image_size=image_size, cfg_scale=7.5, num_head_steps=steps)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-    def clock(fn, n=1):
-        fn()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        sync()
-        return (time.perf_counter() - t0) / n
-
-    pb = build_prompt_batch(tok, ids, ["a photo of a cat"], (image_size, image_size), True).to(device)
-    rows, t = pb.input_ids.shape[0], pb.num_image_tokens
-    cache = KVCache(config, rows, pb.prompt_len + t, dtype, device)
-    valid = torch.ones(rows, pb.prompt_len + t, dtype=torch.bool, device=device)
-    positions = torch.arange(pb.prompt_len + t, device=device)
-    model.backbone(model.embed(pb.input_ids), valid, positions[: pb.prompt_len], cache)
-    emb = torch.randn(rows, 1, config.hidden_size, device=device, dtype=dtype)
-    pos = positions[pb.prompt_len + 10 : pb.prompt_len + 11]
-    backbone_ms = clock(lambda: model.backbone(emb, valid, pos, cache), 20) * 1e3
-    cond = torch.randn(rows, config.hidden_size, device=device, dtype=dtype)
-    grid = time_grid(steps).tolist()
-    seeds = torch.arange(1, device=device)
-    head_ms = clock(lambda: sample_token(model, cond, seeds, 0, grid, sampling, False), 5) * 1e3
-    prompts = [f"a photo of object number {i}" for i in range(in_flight)]
-    pbs = build_prompt_batch(tok, ids, prompts, (image_size, image_size), True)
-    secs = clock(lambda: sample_tokens(model, pbs, torch.arange(in_flight), sampling), 1)
-    return [
-        f"| {preset} on {device} ({str(dtype).replace('torch.', '')}) | backbone ms/token, batch 1 + CFG | "
-        f"{backbone_ms:.2f} (paper H100: 7.2) |",
-        f"| {preset} on {device} | flow head ms/token, {steps} steps + CFG | {head_ms:.2f} (paper H100: 3.4) |",
-        f"| {preset} on {device} | images/s at {image_size}px, {in_flight} in flight | {in_flight / secs:.3f} "
-        f"(target >= 1.5; paper batch-1 pipeline 0.09) |",
-    ]
 
 
 def run(args) -> str:
@@ -223,14 +191,23 @@ def run(args) -> str:
             rows.append(("ours (KV cache)", bs, n / secs))
         secs = timed(partial(recompute_everything, bundle, prompts, sampling, 16))
         rows.append(("recompute everything (no cache)", 16, n / secs))
+        secs = with_attention(bundle, "sdpa", timed, partial(ours, bundle, prompts, sampling, 16))
+        rows.append(("ours, transformers' repeat_kv SDPA (before issue 16)", 16, n / secs))
+        secs = timed(partial(ours, bundle, prompts, sampling, 16, static_eager))
+        rows.append(("ours, static-shape loop run eagerly (CUDA graphs replay it)", 16, n / secs))
+        release_runners(bundle.model)
         for name, bs, ips in rows:
             lines.append(f"| {preset} | {name} | {bs} | {ips:.2f} | {ips * 16:.1f} | {ips / base_ips:.2f}x |")
         cache_ratio = rows[2][2] / rows[3][2]
         bb, hd = split_backbone_head(bundle, sampling, 16)
+        grouped = decode_step_time(bundle, 16, 512)
+        repeat_kv = with_attention(bundle, "sdpa", decode_step_time, bundle, 16, 512)
         extra.append(
             f"| {preset} | KV cache vs recompute-everything (batch 16) | {cache_ratio:.2f}x |\n"
             f"| {preset} | decode time share backbone / head (batch 16) | "
-            f"{bb / (bb + hd):.0%} / {hd / (bb + hd):.0%} |"
+            f"{bb / (bb + hd):.0%} / {hd / (bb + hd):.0%} |\n"
+            f"| {preset} | last decode step at 512px (1024 tokens), batch 16 + CFG: repeat_kv vs grouped SDPA | "
+            f"{repeat_kv * 1e3:.2f} vs {grouped * 1e3:.2f} ms ({repeat_kv / grouped:.2f}x) |"
         )
         if preset == "tiny" or not args.quick:
             t64 = per_token_time(bundle, 128, 4)
@@ -239,8 +216,6 @@ def run(args) -> str:
                 f"| {preset} | per-token ms at 64 vs 1024 tokens (batch 1, 4 head steps) | "
                 f"{t64 * 1e3:.2f} vs {t1024 * 1e3:.2f} ms ({t1024 / t64:.2f}x) |"
             )
-    if args.device_preset:
-        extra += device_section(args.device_preset, args.device, args.in_flight, args.device_size, args.steps)
     lines += ["", "| preset | measure | value |", "|---|---|---|", *extra]
     return "\n".join(lines)
 
@@ -250,13 +225,18 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer prompts (smoke run)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="bench/results/sampling_cpu.md")
-    ap.add_argument("--device-preset", default=None, help="also time this preset on --device (nextstep-1-large on GPU)")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--in-flight", type=int, default=64, help="images sampled together for the device throughput")
-    ap.add_argument("--device-size", type=int, default=512)
+    ap.add_argument("--out", default=None, help="default bench/results/sampling_cpu.md, or gpu_sampling.md on cuda")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the eager vs CUDA graphs table")
+    ap.add_argument("--preset", "--device-preset", dest="preset", default="full",
+                    help="architecture of the cuda table: full (= nextstep-1-large, 14B), mid, tiny")  # fmt: skip
+    ap.add_argument("--in-flight", type=int, default=64, help="images sampled together for the cuda throughput")
+    ap.add_argument("--device-size", type=int, default=512, help="image side of the cuda table, pixels")
     args = ap.parse_args()
-    table = run(args)
+    if args.device == "cuda":
+        table = "\n".join(cuda_table(args.preset, args.in_flight, args.device_size, args.steps))
+    else:
+        table = run(args)
+    args.out = args.out or f"bench/results/{'gpu_sampling' if args.device == 'cuda' else 'sampling_cpu'}.md"
     print(table)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -152,7 +152,7 @@ def test_a_legacy_pickled_rng_state_is_refused_unopened(tmp_path):
 
 
 def test_load_weights_only_refuses_crafted_pickles_in_both_formats(tmp_path):
-    from alignment.learner import load_weights_only
+    from alignment.learner_state import load_weights_only
 
     marker = tmp_path / "marker"
     torch.save({"module": Payload(marker)}, tmp_path / "zip.pt")  # torch's zip format

@@ -112,6 +112,20 @@ def test_interrupted_then_resumed_equals_uninterrupted(reference, tmp_path):
     assert not list(data.glob(".*tmp*"))
 
 
+def _descends_from_us(pid: int) -> bool:
+    """Whether `pid`'s ancestry reaches this process: a worker of the local Ray this test started (its raylet
+    is our child), not one of another Ray on the same machine."""
+    while pid > 1:
+        if pid == os.getpid():
+            return True
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # field 4, after the parenthesised command name
+    return False
+
+
 def _rollout_worker_pids() -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
@@ -120,7 +134,7 @@ def _rollout_worker_pids() -> list[int]:
                 pids.append(int(proc.name))
         except OSError:
             continue
-    return pids
+    return [pid for pid in pids if _descends_from_us(pid)]
 
 
 @pytest.mark.ray

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
@@ -41,7 +40,7 @@ from core.schema import load_config, to_dict
 from rewards.base import RewardsConfig, reward_table
 from rewards.worker import RewardWorker
 from rollout.pairs import PairConfig, prompt_rng, select_pairs
-from rollout.prefs_format import DATA_DIR, MANIFEST, pairs_schema, png_bytes
+from rollout.prefs_format import DATA_DIR, MANIFEST, pairs_table, png_bytes
 from rollout.prompts import PromptSourceConfig, load_prompts
 from rollout.worker import RolloutConfig, RolloutWorker
 
@@ -126,7 +125,7 @@ def shard_rows(
             rows.append({
                 "prompt_id": prompt_id, "prompt": batch.prompts[i], "pair_index": k,
                 "chosen_image": png_bytes(batch.images[i]), "rejected_image": png_bytes(batch.images[j]),
-                "chosen_tokens": batch.tokens[i].tolist(), "rejected_tokens": batch.tokens[j].tolist(),
+                "chosen_tokens": batch.tokens[i].float().numpy(), "rejected_tokens": batch.tokens[j].float().numpy(),
                 "chosen_scores": {n: float(s[i]) for n, s in scores.items()},
                 "rejected_scores": {n: float(s[j]) for n, s in scores.items()},
                 "chosen_reward": float(table[config.pairs.primary][w]),
@@ -141,7 +140,7 @@ def shard_rows(
 
 def write_shard(run: Path, index: int, rows: list[dict], reward_names: list[str]) -> None:
     """Atomically: a temporary file in the same directory, then rename (an empty shard still counts)."""
-    table = pa.Table.from_pylist(rows, schema=pairs_schema(reward_names))
+    table = pairs_table(rows, reward_names)
     atomic_write(run / DATA_DIR / shard_name(index), lambda tmp: pq.write_table(table, tmp))
 
 

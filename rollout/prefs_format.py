@@ -52,6 +52,28 @@ def pairs_schema(reward_names: list[str]) -> pa.Schema:
     ])  # fmt: skip
 
 
+def token_column(blocks: list[np.ndarray]) -> pa.ListArray:
+    """[T, D] float arrays, one per row (all the same shape) -> the [T][D] list column of `pairs_schema`,
+    built over one flat float32 buffer (no Python list per number; the writer's half of `token_block`)."""
+    if not blocks:
+        return pa.array([], type=pa.list_(pa.list_(pa.float32())))
+    stacked = np.ascontiguousarray(np.stack(blocks), dtype=np.float32)  # [N, T, D]
+    n, t, d = stacked.shape
+    inner = pa.ListArray.from_arrays(np.arange(0, n * t * d + 1, d, dtype=np.int32), pa.array(stacked.reshape(-1)))
+    return pa.ListArray.from_arrays(np.arange(0, n * t + 1, t, dtype=np.int32), inner)
+
+
+def pairs_table(rows: list[dict], reward_names: list[str]) -> pa.Table:
+    """Rows (tokens as [T, D] arrays or tensors) -> a table of `pairs_schema`; the token columns go through
+    `token_column`, the rest through Arrow's row conversion."""
+    schema = pairs_schema(reward_names)
+    plain = [{k: v for k, v in r.items() if k not in TOKEN_COLUMNS} for r in rows]
+    columns = {f.name: pa.array([r[f.name] for r in plain], type=f.type) for f in schema if f.name not in TOKEN_COLUMNS}
+    for name in TOKEN_COLUMNS:
+        columns[name] = token_column([np.asarray(r[name], dtype=np.float32) for r in rows])
+    return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
 def png_bytes(image: torch.Tensor) -> bytes:
     """uint8 [3, H, W] -> PNG bytes."""
     buf = io.BytesIO()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from core.errors import UserError
-from rollout.prefs_format import DATA_DIR, pairs_schema, read_pairs, token_block
+from rollout.prefs_format import DATA_DIR, pairs_schema, pairs_table, read_pairs, token_block, token_column
 
 T, D = 6, 4  # tokens per image, dims per token (64 in the real model)
 
@@ -111,3 +111,17 @@ def test_irregular_token_columns_fail_in_one_line_naming_the_shard(tmp_path, bad
     with pytest.raises(UserError) as error:
         read_pairs(tmp_path)
     assert str(error.value) == f"{shard}: column 'rejected_tokens' is not a [pairs, tokens, dims] array of numbers"
+
+
+def test_the_writer_builds_the_same_table_as_the_row_conversion() -> None:
+    """pairs_table (tokens from one flat buffer) equals Arrow's own row-by-row conversion of the same rows,
+    with tokens given as arrays or as tensors; no rows gives the empty table of the schema."""
+    columns = pair_rows(3, seed=7)
+    rows = [{k: v[i] for k, v in columns.items()} for i in range(3)]
+    expected = pa.Table.from_pylist(rows, schema=pairs_schema(["jpeg"]))
+    as_arrays = [{**r, "chosen_tokens": np.asarray(r["chosen_tokens"], dtype=np.float32),
+                  "rejected_tokens": torch.tensor(r["rejected_tokens"])} for r in rows]  # fmt: skip
+    assert pairs_table(as_arrays, ["jpeg"]).equals(expected)
+    assert pairs_table([], ["jpeg"]).equals(pairs_schema(["jpeg"]).empty_table())
+    block = token_column([np.arange(6, dtype=np.float32).reshape(3, 2)])  # one row: [[0, 1], [2, 3], [4, 5]]
+    assert block.to_pylist() == [[[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]]

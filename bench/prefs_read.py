@@ -100,6 +100,35 @@ def measure(method: str, directory: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def write_seconds(pairs: int, tokens: int) -> tuple[float, float]:
+    """Seconds to turn `pairs` rows into a shard table: tokens as Python lists (`.tolist()` then Arrow's row
+    conversion, build-prefs before) vs `pairs_table` over one flat buffer (now); the two tables must agree."""
+    import pyarrow as pa
+    import torch
+
+    from rollout.prefs_format import pairs_schema, pairs_table
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"prompt_id": f"p{i}", "prompt": "x", "pair_index": 0, "chosen_image": b"", "rejected_image": b"",
+             "chosen_tokens": torch.randn(tokens, DIM, generator=g),
+             "rejected_tokens": torch.randn(tokens, DIM, generator=g),
+             "chosen_scores": {"r": 1.0}, "rejected_scores": {"r": 0.0}, "chosen_reward": 1.0, "rejected_reward": 0.0,
+             "chosen_seed": i, "rejected_seed": i, "chosen_sample_index": 0, "rejected_sample_index": 1,
+             "strategy": "s", "sampling": "{}", "checkpoint": "c", "policy_version": 0}
+            for i in range(pairs)]  # fmt: skip
+    start = time.perf_counter()
+    as_lists = [{**r, "chosen_tokens": r["chosen_tokens"].tolist(), "rejected_tokens": r["rejected_tokens"].tolist()}
+                for r in rows]  # fmt: skip
+    old_table = pa.Table.from_pylist(as_lists, schema=pairs_schema(["r"]))
+    old = time.perf_counter() - start
+    start = time.perf_counter()
+    new_table = pairs_table([{**r, "chosen_tokens": r["chosen_tokens"].numpy(),
+                              "rejected_tokens": r["rejected_tokens"].numpy()} for r in rows], ["r"])  # fmt: skip
+    new = time.perf_counter() - start
+    assert new_table.equals(old_table)
+    return old, new
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=200)
@@ -124,9 +153,18 @@ def main() -> None:
                      f"{ratio:.0f}x", f"{old['peak_mb']:.0f}", f"{new['peak_mb']:.0f}"])  # fmt: skip
     table = markdown_table(["pairs x tokens x dim", "Parquet MB", "old s", "new s", "old / new", "old peak MB",
                             "new peak MB"], rows)  # fmt: skip
+    writes = []
+    for tokens in args.tokens:
+        old, new = write_seconds(args.pairs, tokens)
+        writes.append([f"{args.pairs} x {tokens} x {DIM}", f"{old:.2f}", f"{new:.3f}", f"{old / new:.0f}x"])
+    write_table = markdown_table(["pairs x tokens x dim", "lists s", "flat buffer s", "lists / flat"], writes)
     print(table)
+    print(f"\nbuild-prefs shard table (write side):\n{write_table}")
     if args.out:
-        args.out.write_text(f"# read_pairs: list path vs Arrow buffers (CPU)\n\n{table}\n")
+        args.out.write_text(
+            f"# read_pairs: list path vs Arrow buffers (CPU)\n\n{table}\n\n"
+            f"## build-prefs shard table: Python lists vs one flat buffer\n\n{write_table}\n"
+        )
 
 
 if __name__ == "__main__":

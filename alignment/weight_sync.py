@@ -138,12 +138,6 @@ def copy_into(targets: dict[str, torch.Tensor], flat: torch.Tensor, slots: list[
             targets[name].copy_(view)
 
 
-def cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """What a worker receives, without a group (learner and workers in one process): every tensor cast to
-    the sync dtype, so an in-process run sees the same rounding as a broadcast."""
-    return {k: v.to(dtype) for k, v in state.items()}
-
-
 def state_bytes(state: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
     """Bytes of `state` in `dtype`: sum of numel x itemsize."""
     itemsize = torch.empty((), dtype=dtype).element_size()

@@ -54,7 +54,7 @@ from alignment.model_source import open_model
 from alignment.objectives import GrpoMicroBatch
 from alignment.train_parts import prefix_values, soft_value_phase
 from alignment.trainer import Trainer
-from alignment.weight_sync import cast_state, state_bytes
+from alignment.weight_sync import state_bytes
 from base_model.checkpoint import resolve_model, verify_model_spec
 from base_model.model import NextStepModel
 from base_model.sequence import truncation_note
@@ -255,7 +255,8 @@ class GrpoTrainer(Trainer):
         version, dtype = self.state.policy_version, self.config.sync_dtype
         if self.remote is not None:  # learner rank 0 -> the weight group, bucket by bucket
             return self.remote.sync_weights(self.rollout_pool, version)
-        weights = cast_state(self.learner.policy_weights(), getattr(torch, dtype))  # in-process: the same rounding
+        # in-process: the stream a broadcast sends (same rounding), copied out on the CPU in the sync dtype
+        weights = {name: t.to("cpu", copy=True) for name, t in self.learner.iter_policy(getattr(torch, dtype))}
         self.rollout_pool.call_all("load_weights", weights, version, sticky=True)
         return state_bytes(weights, getattr(torch, dtype))
 

@@ -233,6 +233,8 @@ def main():
     ap.add_argument("--device-size", type=int, default=512, help="image side of the cuda table, pixels")
     args = ap.parse_args()
     if args.device == "cuda":
+        if not torch.cuda.is_available():
+            ap.exit(2, "sampling.py: error: --device cuda: no CUDA device here (torch sees none)\n")
         table = "\n".join(cuda_table(args.preset, args.in_flight, args.device_size, args.steps))
     else:
         table = run(args)

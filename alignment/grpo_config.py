@@ -101,6 +101,8 @@ class GrpoConfig:
     def validate(self, where: str = "config") -> None:
         if not self.prompts:
             raise ConfigError(f"{where}.prompts: required (a prompt file)")
+        if self.sampling.self_cot:  # the learner re-scores image chains only; the reasoning would go untrained
+            raise ConfigError(f"{where}.sampling.self_cot: GRPO does not train Self-CoT reasoning yet (DPO does)")
         if self.sampling.sde_kind == "ode":
             raise ConfigError(f"{where}.sampling.sde_kind: 'ode' has no log-probs; GRPO needs 'sde' or 'cps'")
         for name in ("steps", "prompts_per_step", "micro_batch_samples", "inner_epochs", "checkpoint_every"):

@@ -226,6 +226,16 @@ def counter_noise(
     return z if isinstance(step, torch.Tensor) else z[:, 0]
 
 
+def counter_uniform(seeds: torch.Tensor, index: int, salt: int) -> torch.Tensor:
+    """One uniform in (0, 1) per seed, a pure function of (seed, index, salt), fp32: seeds [B] -> [B].
+
+    The same hash as `counter_noise`, keyed apart by `salt` (the text sampler's draws use TEXT_SALT, so
+    they never coincide with an image token's noise)."""
+    seeds = seeds.to(torch.int64) & _MASK32
+    key = _mix32(_mix32(seeds ^ (salt & _MASK32)) ^ (index & _MASK32))
+    return ((_mix32(key) >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
 # ---------------------------------------------------------------------------------------------
 # Published noise: NextStep's pipelines call set_seed(s) once, then per image token the head draws one
 # torch.randn((n, D)) for x^0 and one per SDE step (none for NextStep-1's final Euler step) from the

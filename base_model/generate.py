@@ -10,7 +10,8 @@ import torch
 from base_model.checkpoint import NextStepBundle
 from base_model.cuda_graphs import sample_tokens_static, use_cuda_graphs
 from base_model.sampler import SampleResult, SamplingConfig, sample_tokens
-from base_model.sequence import build_prompt_batch
+from base_model.sequence import PromptBatch, build_prompt_batch, build_self_cot_batch
+from base_model.text import TextSample
 from base_model.vae import to_uint8
 
 
@@ -36,19 +37,37 @@ def sample_prompts(
     """Tokens (and optionally chains / log-probs) for prompts[i] with seeds[i]; prefix_tokens [B, m, 64]:
     continue from these first m tokens (see `sample_tokens`). On CUDA (sampling.cuda_graphs) the
     static-shape loop replayed from CUDA graphs computes them (`sample_tokens_static`)."""
-    batch = build_prompt_batch(
-        bundle.tokenizer, bundle.ids, prompts, (sampling.image_size, sampling.image_size),
-        with_uncond=sampling.uses_guidance, negative_prompt=sampling.negative_prompt,
-        max_prompt_tokens=sampling.max_prompt_tokens,
-    )  # fmt: skip
+    batch = sampler_batch(bundle, prompts, sampling)
     seeds = torch.as_tensor(seeds, dtype=torch.int64)
-    if use_cuda_graphs(sampling.cuda_graphs, bundle.model.device):
+    # the static CUDA-graph loop covers image-only sampling; Self-CoT's text phase runs the reference loop
+    if not sampling.self_cot and use_cuda_graphs(sampling.cuda_graphs, bundle.model.device):
         return sample_tokens_static(bundle.model, batch, seeds, sampling, record_chains=record_chains,
                                     progress=progress, prefix_tokens=prefix_tokens, use_graphs=True)  # fmt: skip
     return sample_tokens(
         bundle.model, batch, seeds, sampling, record_chains=record_chains, progress=progress,
         prefix_tokens=prefix_tokens,
     )  # fmt: skip
+
+
+def sampler_batch(bundle: NextStepBundle, prompts: list[str], sampling: SamplingConfig) -> PromptBatch:
+    """The prompt rows the sampler starts from: captions + image prefix, or (sampling.self_cot) the
+    CoT-wrapped captions whose reasoning the sampler writes before the image prefix."""
+    size = (sampling.image_size, sampling.image_size)
+    if sampling.self_cot:
+        return build_self_cot_batch(bundle.tokenizer, bundle.ids, prompts, size, sampling.uses_guidance, sampling.cot,
+                                    negative_prompt=sampling.negative_prompt,
+                                    max_prompt_tokens=sampling.max_prompt_tokens)  # fmt: skip
+    return build_prompt_batch(
+        bundle.tokenizer, bundle.ids, prompts, size, with_uncond=sampling.uses_guidance,
+        negative_prompt=sampling.negative_prompt, max_prompt_tokens=sampling.max_prompt_tokens,
+    )  # fmt: skip
+
+
+def decode_text(bundle: NextStepBundle, text: TextSample | None) -> list[str] | None:
+    """Each sample's reasoning as a string (None without Self-CoT)."""
+    if text is None:
+        return None
+    return bundle.tokenizer.batch_decode(text.rows(), skip_special_tokens=False)
 
 
 def generate_images(

@@ -127,6 +127,14 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
 
+    def first_rows(self, rows: int) -> KVCache:
+        """The same buffers restricted to rows [0, rows) (views: writes land in this cache)."""
+        view = KVCache.__new__(KVCache)
+        view.keys = [k[:rows] for k in self.keys]
+        view.values = [v[:rows] for v in self.values]
+        view.max_len = self.max_len
+        return view
+
     def update(self, key_states, value_states, layer_idx: int, cache_kwargs: dict | None = None):
         pos = cache_kwargs["cache_position"]
         self.keys[layer_idx].index_copy_(2, pos, key_states.to(self.keys[layer_idx].dtype))
@@ -202,17 +210,20 @@ class NextStepModel(nn.Module):
         key_valid: torch.Tensor,
         positions: torch.Tensor,
         cache: KVCache | None = None,
+        rope_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decoder layers + final RMSNorm.
 
         embeds [R, Lq, H]; positions [Lq] long (cache positions of the queries);
         key_valid [R, Lk] bool (Lk = cache.max_len with a cache, else Lq) -> normed hidden [R, Lq, H].
+        rope_positions [R, Lq] long: each row's RoPE positions (Self-CoT rows count their valid tokens
+        only); None: the cache positions (they count left padding, as published).
         """
         mask = attention_mask_4d(key_valid, positions)
         if self.config._attn_implementation == "eager":  # transformers' eager path adds the mask to the scores
             mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=mask.device).masked_fill(
                 ~mask, torch.finfo(embeds.dtype).min)  # fmt: skip
-        position_ids = positions[None].expand(embeds.shape[0], -1)
+        position_ids = positions[None].expand(embeds.shape[0], -1) if rope_positions is None else rope_positions
         pos_emb = self.rotary_emb(embeds, position_ids)
         h = embeds
         for layer in self.layers:
@@ -225,11 +236,21 @@ class NextStepModel(nn.Module):
         return self.norm(h)
 
     def forward_sequence(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_tokens: torch.Tensor | None,
+        rope_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Teacher-forced pass over finished sequences: ids [R, L], mask [R, L] -> hidden [R, L, H]."""
+        """Teacher-forced pass over finished sequences: ids [R, L], mask [R, L] -> hidden [R, L, H]
+        (rope_positions [R, L]: see `backbone`)."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.backbone(self.embed(input_ids, image_tokens), attention_mask, positions)
+        return self.backbone(self.embed(input_ids, image_tokens), attention_mask, positions,
+                             rope_positions=rope_positions)  # fmt: skip
+
+    def text_log_pi(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Normed hidden [..., H] -> the next text token's log-softmax [..., V] fp32."""
+        return torch.log_softmax(self.lm_head(hidden).float(), dim=-1)
 
     # -- image side -----------------------------------------------------------------------------
     def image_condition(self, hidden: torch.Tensor, token_index: int | torch.Tensor = 0) -> torch.Tensor:

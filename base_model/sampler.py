@@ -12,7 +12,7 @@ weights); `noise: published` instead replays the published pipelines' torch-gene
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ from base_model.flow import (
 )
 from base_model.model import KVCache, NextStepModel
 from base_model.sequence import DEFAULT_MAX_PROMPT_TOKENS, PromptBatch, check_sequence_fits
+from base_model.text import CotConfig, TextSample, text_step, text_uniforms
 from core.errors import ConfigError
 
 INIT_NOISE_STEP = 0  # counter_noise stream of x^0; head step k uses stream k + 1
@@ -63,6 +64,9 @@ class SamplingConfig:
     # the static-shape loop replayed from CUDA graphs (base_model/cuda_graphs.py): same tokens, one graph
     # replay per head loop and per decode step. None: on for a model on CUDA, off elsewhere
     cuda_graphs: bool | None = None
+    # Self-CoT: the model first writes its reasoning as text (`cot` says how), then the image (base_model/text.py)
+    self_cot: bool = False
+    cot: CotConfig = field(default_factory=CotConfig)
 
     def validate(self, where: str = "sampling") -> None:
         if self.image_size <= 0 or self.image_size % 16:
@@ -79,6 +83,16 @@ class SamplingConfig:
             raise ConfigError(f"{where}.cfg_scale: must be >= 1 (1.0 disables guidance), got {self.cfg_scale}")
         check_sequence_fits(self.max_prompt_tokens, (self.image_size, self.image_size), None,
                             f"{where}.max_prompt_tokens")  # fmt: skip
+        self.cot.validate(f"{where}.cot")
+
+    @property
+    def text_tokens(self) -> int:
+        """Positions the Self-CoT template and reasoning add at most (0 without Self-CoT); the template's
+        UTF-8 bytes bound its tokens (byte-level BPE never needs more)."""
+        if not self.self_cot:
+            return 0
+        before, after = self.cot.template_parts
+        return len(before.encode()) + len(after.encode()) + 1 + self.cot.max_text_tokens  # +1: a BOS
 
     @property
     def uses_guidance(self) -> bool:
@@ -97,6 +111,7 @@ class SampleResult:
     # [B, T, S] fp32 log pi(x^{k+1} | x^k) under the sampling policy for the S scored steps k < S
     # (S = K, or K-1 on the final_euler grid: its final Euler step has no log-prob)
     log_probs: torch.Tensor | None
+    text: TextSample | None = None  # Self-CoT: the reasoning written before the image
 
 
 def token_norm(x: torch.Tensor) -> torch.Tensor:
@@ -172,6 +187,8 @@ def sample_tokens(
     prefix_tokens [B, m, 64] (as fed back, e.g. a RolloutBatch's tokens[:, :m]): tokens 0..m-1 are
     these, teacher-forced through the cache, and only tokens m.. are sampled (a continuation of a
     trajectory prefix; no chains can be recorded then).
+    A Self-CoT batch (`sequence.build_self_cot_batch` without texts: `batch.image_prefix` is set) first
+    writes each cond row's reasoning (`write_reasoning`), then the image prefix, then the image.
     """
     if prefix_tokens is not None and record_chains:
         raise ValueError("a continuation of given prefix tokens records no chains")
@@ -182,7 +199,9 @@ def sample_tokens(
         raise ValueError("cfg_scale != 1 needs a prompt batch built with_uncond=True")
     rows, prompt_len, num_tokens = batch.input_ids.shape[0], batch.prompt_len, batch.num_image_tokens
     b = batch.num_prompts
-    max_len = prompt_len + num_tokens
+    cot = batch.image_prefix is not None
+    prefix_len = len(batch.image_prefix) if cot else 0
+    max_len = prompt_len + (config.cot.max_text_tokens + prefix_len if cot else 0) + num_tokens
     cache = KVCache(model.config, rows, max_len, model.dtype, device)
     key_valid = torch.ones((rows, max_len), dtype=torch.bool, device=device)
     key_valid[:, :prompt_len] = batch.attention_mask
@@ -190,7 +209,17 @@ def sample_tokens(
     published = PublishedNoise(seeds, model.config.token_dim, device) if config.noise == "published" else None
 
     all_positions = torch.arange(max_len, device=device)
-    hidden = model.backbone(model.embed(batch.input_ids), key_valid, all_positions[:prompt_len], cache)
+    hidden = model.backbone(model.embed(batch.input_ids), key_valid, all_positions[:prompt_len], cache,
+                            rope_positions=batch.rope_positions)  # fmt: skip
+    text, start, rope_start = None, prompt_len, None  # rope_start [R]: RoPE position of image token 0's slot
+    if cot:
+        next_rope = batch.attention_mask.sum(-1)  # [R] each row's next position
+        text, used = write_reasoning(model, batch, hidden[:b, -1], cache, key_valid, next_rope, seeds, config)
+        cols = all_positions[prompt_len + used : prompt_len + used + prefix_len]  # [P] cache slots of the prefix
+        rope = next_rope[:, None] + torch.arange(prefix_len, device=device)  # [R, P]
+        prefix = model.embed(batch.image_prefix[None].expand(rows, -1))
+        hidden = model.backbone(prefix, key_valid, cols, cache, rope_positions=rope)
+        start, rope_start = prompt_len + used + prefix_len, next_rope + prefix_len
     cond = model.image_condition(hidden[:, -1], token_index=0)  # [R, H]
 
     tokens, chains, logps = [], [], []
@@ -213,11 +242,64 @@ def sample_tokens(
             break
         emb = model.image_in_projector(y.to(model.dtype))  # [B, H]
         emb = emb if rows == b else torch.cat([emb, emb], dim=0)
-        pos = all_positions[prompt_len + j : prompt_len + j + 1]
-        hidden = model.backbone(emb[:, None], key_valid, pos, cache)
+        pos = all_positions[start + j : start + j + 1]
+        rope = None if rope_start is None else (rope_start + j)[:, None]  # [R, 1]
+        hidden = model.backbone(emb[:, None], key_valid, pos, cache, rope_positions=rope)
         cond = model.image_condition(hidden[:, -1], token_index=j + 1)
     return SampleResult(
         tokens=torch.stack(tokens, dim=1),
         chains=torch.stack(chains, dim=1) if record_chains else None,
         log_probs=torch.stack(logps, dim=1) if record_chains else None,
+        text=text,
     )
+
+
+def write_reasoning(
+    model: NextStepModel,
+    batch: PromptBatch,
+    last_hidden: torch.Tensor,
+    cache: KVCache,
+    key_valid: torch.Tensor,
+    next_rope: torch.Tensor,
+    seeds: torch.Tensor,
+    config: SamplingConfig,
+) -> tuple[TextSample, int]:
+    """Self-CoT: the B cond rows write their reasoning into cache slots prompt_len.. (the uncond rows wait).
+
+    last_hidden [B, H] (the prompt's last position); key_valid [R, max_len] and next_rope [R] are updated
+    in place: slot prompt_len + n holds text token n of the rows still writing and is invalid for the others.
+    -> (TextSample, slots used). One host sync per text token (has every row stopped?), none per image token.
+    """
+    b, start, device = batch.num_prompts, batch.prompt_len, last_hidden.device
+    max_text = config.cot.max_text_tokens
+    special = batch.special
+    stop_ids = torch.tensor([special.image_area, special.boi], device=device)
+    banned = torch.tensor([special.pad, special.eoi, special.placeholder], device=device)
+    pad_id = special.pad  # fed to rows that stopped (their slot is masked); never drawn, so it marks the ends
+    ids = torch.full((b, max_text), pad_id, dtype=torch.long, device=device)
+    log_probs = torch.zeros((b, max_text + 1), dtype=torch.float32, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    rows_cache = cache.first_rows(b)
+    logits = model.lm_head(last_hidden)  # [B, V]
+    used = 0
+    for n in range(max_text + 1):
+        token, logp, is_stop = text_step(logits, text_uniforms(seeds, n), config.cot, stop_ids, banned)
+        log_probs[:, n] = torch.where(done, 0.0, logp)
+        done = done | is_stop
+        if n == max_text or bool(done.all()):  # the text is cut here: this draw only scores a stop
+            log_probs[:, n] = torch.where(is_stop, log_probs[:, n], 0.0)
+            break
+        writing = ~done
+        ids[:, n] = torch.where(writing, token, pad_id)
+        key_valid[:b, start + n] = writing
+        key_valid[b:, start + n] = False
+        hidden = model.backbone(model.embed(ids[:, n : n + 1]), key_valid[:b], torch.arange(start + n, start + n + 1,
+                                device=device), rows_cache, rope_positions=next_rope[:b, None])  # fmt: skip
+        next_rope[:b] += writing.long()
+        logits = model.lm_head(hidden[:, -1])
+        used = n + 1
+    stopped = done
+    lengths = (ids != pad_id).long().sum(-1) if used else torch.zeros(b, dtype=torch.long, device=device)
+    ids = ids[:, :used]
+    out_ids = torch.where(torch.arange(used, device=device)[None] < lengths[:, None], ids, 0)
+    return TextSample(ids=out_ids, lengths=lengths, stopped=stopped, log_probs=log_probs[:, : used + 1]), used

@@ -38,6 +38,16 @@ class PromptBatch:
     num_prompts: int  # B
     grid_hw: tuple[int, int]  # image tokens per column and row (h, w)
     has_uncond: bool  # rows B..2B are the unconditional branch
+    # Self-CoT (base_model/text.py). rope_positions [R, L] long: each row's own positions, counting its valid
+    # tokens only (None: the cache positions, which count left padding, as published). image_prefix [P]
+    # long: the sampler appends it after the reasoning it writes (input_ids stop before it). text_lengths
+    # [B] long: a teacher-forcing batch whose cond rows hold a reasoning of that many tokens ending at
+    # column text_end (where the image prefix starts)
+    rope_positions: torch.Tensor | None = None
+    image_prefix: torch.Tensor | None = None
+    text_lengths: torch.Tensor | None = None
+    text_end: int | None = None
+    special: SpecialIds | None = None  # Self-CoT sampler input: the stop and banned text tokens
 
     @property
     def num_image_tokens(self) -> int:
@@ -48,9 +58,13 @@ class PromptBatch:
         return self.input_ids.shape[1]
 
     def to(self, device) -> PromptBatch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
         return PromptBatch(
             self.input_ids.to(device), self.attention_mask.to(device), self.num_prompts,
-            self.grid_hw, self.has_uncond,
+            self.grid_hw, self.has_uncond, move(self.rope_positions), move(self.image_prefix),
+            move(self.text_lengths), self.text_end, self.special,
         )  # fmt: skip
 
 
@@ -84,14 +98,67 @@ def build_prompt_batch(
     captions = list(prompts) + ([negative_prompt] * len(prompts) if with_uncond else [])
     rows = [ids_[:max_prompt_tokens] for ids_ in caption_ids(tokenizer, captions)]
     prefix = image_prefix_ids(tokenizer, ids, grid)
-    rows = [r + prefix for r in rows]
+    input_ids, mask = left_pad([r + prefix for r in rows], ids.pad)
+    return PromptBatch(input_ids, mask, len(prompts), grid, with_uncond)
+
+
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (ids [R, L] long, mask [R, L] bool), right-aligned on the longest."""
     length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), ids.pad, dtype=torch.long)
+    input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.bool)
     for i, r in enumerate(rows):
         input_ids[i, length - len(r) :] = torch.tensor(r, dtype=torch.long)
         mask[i, length - len(r) :] = True
-    return PromptBatch(input_ids, mask, len(prompts), grid, with_uncond)
+    return input_ids, mask
+
+
+def row_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Each row's own positions: mask [R, L] bool -> [R, L] long, 0 at its first valid token (0 on padding)."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def cot_prompt_ids(tokenizer, captions: list[str], cot, max_prompt_tokens: int) -> list[list[int]]:
+    """Captions wrapped in the CoT template (text.CotConfig): the text before {caption} (with the tokenizer's
+    special tokens), the caption's first `max_prompt_tokens` tokens, the text after it. The pieces are
+    tokenized apart, so the sampler and every re-scoring see the same ids whatever the caption."""
+    before, after = cot.template_parts
+    head = list(tokenizer(before, add_special_tokens=True)["input_ids"])
+    tail = list(tokenizer(after, add_special_tokens=False)["input_ids"]) if after else []
+    body = tokenizer(list(captions), add_special_tokens=False)["input_ids"] if captions else []
+    return [head + list(c)[:max_prompt_tokens] + tail for c in body]
+
+
+def build_self_cot_batch(
+    tokenizer,
+    ids: SpecialIds,
+    prompts: list[str],
+    image_hw: tuple[int, int],
+    with_uncond: bool,
+    cot,
+    texts: list[list[int]] | None = None,
+    negative_prompt: str = "",
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+) -> PromptBatch:
+    """Self-CoT rows with each row's own positions (`row_positions`). texts None: what the sampler starts
+    from (cond rows: the CoT-wrapped caption; the image prefix is left in `image_prefix`); texts [B] token
+    ids: a finished sequence's rows for teacher forcing (wrapped caption + reasoning + image prefix).
+    Unconditional rows are the negative prompt alone, with no reasoning (+ the prefix when texts are given)."""
+    grid = grid_for_size(*image_hw)
+    rows = cot_prompt_ids(tokenizer, prompts, cot, max_prompt_tokens)
+    uncond = [c[:max_prompt_tokens] for c in caption_ids(tokenizer, [negative_prompt] * len(prompts))]
+    prefix = image_prefix_ids(tokenizer, ids, grid)
+    if texts is None:
+        input_ids, mask = left_pad(rows + (uncond if with_uncond else []), ids.pad)
+        return PromptBatch(input_ids, mask, len(prompts), grid, with_uncond, row_positions(mask),
+                           image_prefix=torch.tensor(prefix, dtype=torch.long), special=ids)  # fmt: skip
+    if len(texts) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(texts)} reasoning texts")
+    rows = [r + list(t) + prefix for r, t in zip(rows, texts)]
+    input_ids, mask = left_pad(rows + ([u + prefix for u in uncond] if with_uncond else []), ids.pad)
+    lengths = torch.tensor([len(t) for t in texts], dtype=torch.long)
+    return PromptBatch(input_ids, mask, len(prompts), grid, with_uncond, row_positions(mask),
+                       text_lengths=lengths, text_end=input_ids.shape[1] - len(prefix))  # fmt: skip
 
 
 def caption_ids(tokenizer, captions: list[str]) -> list[list[int]]:
@@ -109,22 +176,24 @@ def truncation_note(job: str, key: str, tokenizer, prompts: list[str], max_promp
             f"(longest {max(over)}) and are truncated to their first {max_prompt_tokens} tokens")  # fmt: skip
 
 
-def positions_needed(max_prompt_tokens: int, image_hw: tuple[int, int]) -> int:
-    """Upper bound on the positions of a finished sequence: caption + <|image_area|> "h*w" <|boi|> +
-    h*w image tokens + <|eoi|>. "h*w" counts one token per character (byte-level BPE never needs more)."""
+def positions_needed(max_prompt_tokens: int, image_hw: tuple[int, int], text_tokens: int = 0) -> int:
+    """Upper bound on the positions of a finished sequence: caption + `text_tokens` (Self-CoT: template and
+    reasoning) + <|image_area|> "h*w" <|boi|> + h*w image tokens + <|eoi|>. "h*w" counts one token per
+    character (byte-level BPE never needs more)."""
     h, w = grid_for_size(*image_hw)
-    return max_prompt_tokens + 1 + len(f"{h}*{w}") + 1 + h * w + 1
+    return max_prompt_tokens + text_tokens + 1 + len(f"{h}*{w}") + 1 + h * w + 1
 
 
 def check_sequence_fits(max_prompt_tokens: int, image_hw: tuple[int, int], max_positions: int | None,
-                        where: str) -> None:  # fmt: skip
-    """ConfigError unless `max_prompt_tokens` >= 1 and the longest sequence fits `max_positions`
-    (None: the model is not known yet, only the first check runs)."""
+                        where: str, text_tokens: int = 0) -> None:  # fmt: skip
+    """ConfigError unless `max_prompt_tokens` >= 1 and the longest sequence (with `text_tokens` more for a
+    Self-CoT template and reasoning) fits `max_positions` (None: the model is not known yet, only the first
+    check runs)."""
     if max_prompt_tokens < 1:
         raise ConfigError(f"{where}: must be >= 1, got {max_prompt_tokens}")
     if max_positions is None:
         return
-    need = positions_needed(max_prompt_tokens, image_hw)
+    need = positions_needed(max_prompt_tokens, image_hw, text_tokens)
     if need > max_positions:
         image = max_positions - (need - max_prompt_tokens)
         fix = f"use <= {image}" if image >= 1 else "use a smaller image size"
@@ -161,6 +230,15 @@ def append_image_block(batch: PromptBatch, ids: SpecialIds) -> tuple[torch.Tenso
     input_ids = torch.cat([batch.input_ids, block], dim=1)
     mask = torch.cat([batch.attention_mask, torch.ones((r, t + 1), dtype=torch.bool, device=dev)], dim=1)
     return input_ids, mask
+
+
+def block_rope_positions(batch: PromptBatch) -> torch.Tensor | None:
+    """RoPE positions [R, L+T+1] of `append_image_block`'s sequence (None when the batch uses cache positions)."""
+    if batch.rope_positions is None:
+        return None
+    last = batch.rope_positions[:, -1:]  # [R, 1]
+    steps = torch.arange(1, batch.num_image_tokens + 2, device=last.device)
+    return torch.cat([batch.rope_positions, last + steps], dim=1)
 
 
 def attention_mask_4d(key_valid: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:

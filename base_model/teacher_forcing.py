@@ -22,7 +22,8 @@ from base_model.flow import (
 )
 from base_model.model import NextStepModel
 from base_model.sampler import SamplingConfig
-from base_model.sequence import PromptBatch, append_image_block
+from base_model.sequence import PromptBatch, append_image_block, block_rope_positions
+from base_model.text import text_log_prob
 from base_model.tokenizer import SpecialIds
 
 
@@ -31,6 +32,8 @@ class TeacherForced:
     image_cond: torch.Tensor  # [R, T, H] head condition image_out_projector(h_j) for every image token
     text_ce: torch.Tensor  # [] mean next-token cross-entropy over text targets (0 when there are none)
     num_text_targets: int
+    # Self-CoT: [B, N+1] log-probs of each cond row's reasoning in TextSample.log_probs' layout (None unless asked)
+    text_log_probs: torch.Tensor | None = None
 
 
 def teacher_forced(
@@ -39,13 +42,16 @@ def teacher_forced(
     ids: SpecialIds,
     tokens: torch.Tensor,
     compute_text_ce: bool = False,
+    text_stopped: torch.Tensor | None = None,
 ) -> TeacherForced:
-    """One parallel pass over prompt + image block. tokens [B, T, 64] (repeated for uncond rows)."""
+    """One parallel pass over prompt (+ Self-CoT reasoning) + image block. tokens [B, T, 64] (repeated for
+    uncond rows). text_stopped [B] bool (a Self-CoT batch from `build_self_cot_batch` with texts): also score
+    each reasoning as the sampler did (`reasoning_log_probs`)."""
     batch = batch.to(model.device)
     input_ids, mask = append_image_block(batch, ids)
     rows, t = input_ids.shape[0], batch.num_image_tokens
     img = tokens if rows == tokens.shape[0] else torch.cat([tokens, tokens], dim=0)
-    hidden = model.forward_sequence(input_ids, mask, img.to(model.device))  # [R, L+T+1, H]
+    hidden = model.forward_sequence(input_ids, mask, img.to(model.device), block_rope_positions(batch))  # [R, L+T+1, H]
     start = batch.prompt_len  # index of the first placeholder
     cond = model.image_condition(hidden[:, start - 1 : start - 1 + t], token_index=0)  # [R, T, H]
     text_ce, n_text = hidden.new_zeros((), dtype=torch.float32), 0
@@ -57,7 +63,40 @@ def teacher_forced(
         if n_text:
             logits = model.lm_head(hidden[:, :-1][is_text])  # [N_text, V]
             text_ce = F.cross_entropy(logits.float(), targets[is_text])
-    return TeacherForced(image_cond=cond, text_ce=text_ce, num_text_targets=n_text)
+    text_lp = None
+    if text_stopped is not None:
+        text_lp = reasoning_log_probs(model, hidden, input_ids, batch, ids, text_stopped.to(hidden.device))
+    return TeacherForced(image_cond=cond, text_ce=text_ce, num_text_targets=n_text, text_log_probs=text_lp)
+
+
+def reasoning_log_probs(
+    model: NextStepModel,
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    batch: PromptBatch,
+    ids: SpecialIds,
+    stopped: torch.Tensor,
+) -> torch.Tensor:
+    """The cond rows' reasoning scored from a teacher-forced pass, in TextSample.log_probs' layout.
+
+    hidden [R, L', H], input_ids [R, L'] of the finished sequence; row i's n_i text tokens end at column
+    text_end, where <|image_area|> follows: token k sits at column text_end - n_i + k and is predicted by the
+    column before it; k = n_i is the stop event, scored when stopped[i]. -> [B, N+1] fp32, N = max n_i.
+    """
+    if batch.text_lengths is None or batch.text_end is None:
+        raise ValueError("reasoning log-probs need a Self-CoT batch built with its texts")
+    b, lengths = batch.num_prompts, batch.text_lengths.to(hidden.device)  # [B]
+    n = int(lengths.max()) if b else 0
+    k = torch.arange(n + 1, device=hidden.device)[None]  # [1, N+1]
+    column = batch.text_end - lengths[:, None] + k  # [B, N+1] column of token k
+    scored = (k < lengths[:, None]) | ((k == lengths[:, None]) & stopped[:, None])
+    column = column.clamp(1, input_ids.shape[1] - 1)
+    h = hidden[:b].gather(1, (column - 1)[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, N+1, H]
+    targets = input_ids[:b].gather(1, column)  # [B, N+1]
+    stop_ids = torch.tensor([ids.image_area, ids.boi], device=hidden.device)
+    out = torch.zeros(scored.shape, dtype=torch.float32, device=hidden.device)
+    out[scored] = text_log_prob(model.text_log_pi(h[scored]), targets[scored], stop_ids)
+    return out
 
 
 def flow_errors(

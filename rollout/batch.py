@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from base_model.sampler import SamplingConfig
+from base_model.text import TextSample
 
 
 @dataclass
@@ -28,6 +29,9 @@ class RolloutBatch:
     # provenance
     policy_version: int
     sampling: SamplingConfig
+    # Self-CoT (sampling.self_cot): each sample's reasoning, as ids with their log-probs and as strings [B]
+    text: TextSample | None = None
+    texts: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -45,6 +49,8 @@ class RolloutBatch:
             tokens=torch.cat([p.tokens for p in parts]), chains=torch.cat([p.chains for p in parts]),
             log_probs=torch.cat([p.log_probs for p in parts]), images=torch.cat([p.images for p in parts]),
             policy_version=parts[0].policy_version, sampling=parts[0].sampling,
+            text=TextSample.concat([p.text for p in parts]) if parts[0].text is not None else None,
+            texts=[s for p in parts for s in p.texts] if parts[0].texts is not None else None,
         )  # fmt: skip
 
     def select(self, index: torch.Tensor | list[int]) -> RolloutBatch:
@@ -57,6 +63,8 @@ class RolloutBatch:
             chains=None if self.chains is None else self.chains[idx],
             log_probs=None if self.log_probs is None else self.log_probs[idx],
             images=self.images[idx], policy_version=self.policy_version, sampling=self.sampling,
+            text=None if self.text is None else self.text.select(idx),
+            texts=None if self.texts is None else [self.texts[i] for i in rows],
         )  # fmt: skip
 
 

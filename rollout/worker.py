@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 import torch
 
 from base_model.checkpoint import load_checkpoint, resolve_model
-from base_model.generate import decode_tokens, sample_prompts
+from base_model.generate import decode_text, decode_tokens, sample_prompts
 from base_model.sampler import SamplingConfig
+from base_model.text import TextSample
 from core.errors import ConfigError
 from core.pools import PoolConfig
 from rollout.batch import RolloutBatch, sample_seed
@@ -85,6 +86,7 @@ class RolloutWorker:
             e = s + self.micro_batch_samples
             parts.append(sample_prompts(self.bundle, texts[s:e], seeds[s:e], self.sampling, record_chains))
         tokens = torch.cat([p.tokens for p in parts]).cpu()
+        text = TextSample.concat([p.text.to("cpu") for p in parts]) if self.sampling.self_cot else None
         images = torch.cat(
             [decode_tokens(self.bundle, tokens[s : s + self.micro_batch_samples], self.sampling.image_size)
              for s in range(0, len(texts), self.micro_batch_samples)]
@@ -96,6 +98,7 @@ class RolloutWorker:
             chains=torch.cat([p.chains for p in parts]).cpu() if record_chains else None,
             log_probs=torch.cat([p.log_probs for p in parts]).cpu() if record_chains else None,
             images=images, policy_version=self.policy_version, sampling=self.sampling,
+            text=text, texts=decode_text(self.bundle, text),
         )  # fmt: skip
 
 

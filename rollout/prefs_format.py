@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image
 
+from base_model.text import CotConfig
 from core.errors import UserError
 from core.formats import PREFS_DATA_DIR, PREFS_MANIFEST, SHARD_GLOB
 from core.tables import concat_same_schema, read_columns
@@ -96,6 +97,19 @@ class PreferencePairs:
     chosen_reward: torch.Tensor  # [N] fp32 primary reward
     rejected_reward: torch.Tensor  # [N]
     image_size: int  # pixels per side the tokens decode to (from the sampler settings)
+    # Self-CoT pairs (built with sampling.self_cot): each image's reasoning, as the sampler wrote it; None for
+    # image-only datasets. The DPO learner re-builds every sequence from these ids and `cot`'s template.
+    chosen_text_ids: list[list[int]] | None = None  # [N] token ids
+    rejected_text_ids: list[list[int]] | None = None
+    chosen_text_stopped: torch.Tensor | None = None  # [N] bool: ended by a stop token (TextSample.stopped)
+    rejected_text_stopped: torch.Tensor | None = None
+    chosen_text: list[str] | None = None  # [N] decoded, for people and the dashboard
+    rejected_text: list[str] | None = None
+    cot: CotConfig | None = None  # the template and limits the reasoning was written with
+
+    @property
+    def self_cot(self) -> bool:
+        return self.chosen_text_ids is not None
 
     def __len__(self) -> int:
         return len(self.prompts)

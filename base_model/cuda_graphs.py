@@ -163,6 +163,8 @@ def sample_tokens_static(
     functions eagerly (what the graphs capture, for comparisons)."""
     if prefix_tokens is not None and record_chains:
         raise ValueError("a continuation of given prefix tokens records no chains")
+    if batch.image_prefix is not None:
+        raise ValueError("Self-CoT batches run the reference loop (sampler.sample_tokens), not the static one")
     device = model.device
     use_graphs = use_cuda_graphs(config.cuda_graphs if use_graphs is None else use_graphs, device)
     batch, seeds = batch.to(device), seeds.to(device)

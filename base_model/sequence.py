@@ -196,9 +196,11 @@ def check_sequence_fits(max_prompt_tokens: int, image_hw: tuple[int, int], max_p
     need = positions_needed(max_prompt_tokens, image_hw, text_tokens)
     if need > max_positions:
         image = max_positions - (need - max_prompt_tokens)
-        fix = f"use <= {image}" if image >= 1 else "use a smaller image size"
+        smaller = "a smaller image size" + (" or fewer reasoning tokens (cot.max_text_tokens)" if text_tokens else "")
+        fix = f"use <= {image}" if image >= 1 else f"use {smaller}"
         raise ConfigError(
-            f"{where}: {max_prompt_tokens} prompt tokens + {need - max_prompt_tokens} image and special tokens "
+            f"{where}: {max_prompt_tokens} prompt tokens + {need - max_prompt_tokens} "
+            f"{'reasoning, ' if text_tokens else ''}image and special tokens "
             f"at {image_hw[0]}x{image_hw[1]}px = {need} positions > the model's {max_positions}; {fix}"
         )
 

@@ -11,6 +11,11 @@ shards that exist and redoes the others; a sample depends only on (prompt id, in
 and pairs on (seed, prompt id), so a redone shard is identical. A rollout worker that dies is
 replaced and its shards re-run on the others (core/pools.py). The driver holds only the shards in
 flight, so memory does not grow with the number of prompts.
+
+Self-CoT (`sampling.self_cot: true`, `sampling.cot.*`): each of the G samples first writes its own
+reasoning, then its image; the rewards still score the images alone, pairs are ranked as above, and each
+row also stores both reasonings (text, token ids, whether a stop token ended them; prefs_format.py). The
+reasoning depends only on the sample's seed too, so a redone shard has the same texts.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from core.runs import MetricsLogger, prepare_run_dir
 from core.schema import load_config, to_dict
 from rewards.base import RewardsConfig, reward_table
 from rewards.worker import RewardWorker
+from rollout.batch import RolloutBatch
 from rollout.pairs import PairConfig, prompt_rng, select_pairs
 from rollout.prefs_format import DATA_DIR, MANIFEST, pairs_table, png_bytes
 from rollout.prompts import PromptSourceConfig, load_prompts
@@ -77,7 +83,7 @@ class BuildPrefsConfig:
             raise ConfigError(f"{where}.model: required (a checkpoint directory or a preset)")
         size = (self.sampling.image_size,) * 2
         check_sequence_fits(self.sampling.max_prompt_tokens, size, model_max_positions(self.model),
-                            f"{where}.sampling.max_prompt_tokens")  # fmt: skip
+                            f"{where}.sampling.max_prompt_tokens", text_tokens=self.sampling.text_tokens)  # fmt: skip
 
     @property
     def images_per_shard(self) -> int:
@@ -109,8 +115,15 @@ def prepare_out_dir(config: BuildPrefsConfig) -> Path:
     return run
 
 
+def text_fields(batch: RolloutBatch, i: int, side: str) -> dict:
+    """Sample i's reasoning as the Self-CoT columns of one side ('chosen' / 'rejected') of a row."""
+    n = int(batch.text.lengths[i])
+    return {f"{side}_text": batch.texts[i], f"{side}_text_ids": batch.text.ids[i, :n].numpy(),
+            f"{side}_text_stopped": bool(batch.text.stopped[i])}  # fmt: skip
+
+
 def shard_rows(
-    config: BuildPrefsConfig, batch, scores: dict[str, np.ndarray], sampling_json: str, checkpoint: str
+    config: BuildPrefsConfig, batch: RolloutBatch, scores: dict[str, np.ndarray], sampling_json: str, checkpoint: str
 ) -> list[dict]:
     """One shard's rollouts + per-reward scores [B] -> pair rows (prefs_format.pairs_schema)."""
     g = config.samples_per_prompt
@@ -135,12 +148,14 @@ def shard_rows(
                 "strategy": config.pairs.strategy, "sampling": sampling_json, "checkpoint": checkpoint,
                 "policy_version": batch.policy_version,
             })  # fmt: skip
+            if config.sampling.self_cot:
+                rows[-1] |= text_fields(batch, i, "chosen") | text_fields(batch, j, "rejected")
     return rows
 
 
-def write_shard(run: Path, index: int, rows: list[dict], reward_names: list[str]) -> None:
+def write_shard(run: Path, index: int, rows: list[dict], reward_names: list[str], self_cot: bool) -> None:
     """Atomically: a temporary file in the same directory, then rename (an empty shard still counts)."""
-    table = pairs_table(rows, reward_names)
+    table = pairs_table(rows, reward_names, self_cot)
     atomic_write(run / DATA_DIR / shard_name(index), lambda tmp: pq.write_table(table, tmp))
 
 
@@ -163,6 +178,9 @@ def run_build_prefs(config: BuildPrefsConfig) -> Path:
               f"rewards {wp.kind} x {wp.num_workers} -> {run}")  # fmt: skip
         if note:
             print(note)
+        if config.sampling.self_cot:
+            print(f"build-prefs: Self-CoT: each sample writes up to {config.sampling.cot.max_text_tokens} reasoning "
+                  f"tokens before its image (template {config.sampling.cot.template!r})")  # fmt: skip
 
         checkpoint = str(Path(config.model).resolve()) if Path(config.model).exists() else config.model
         sampling_json = json.dumps(dataclasses.asdict(config.sampling), sort_keys=True)
@@ -190,7 +208,7 @@ def run_build_prefs(config: BuildPrefsConfig) -> Path:
                     shard, _, batch = in_flight.pop(n)
                     scores = reward_table(output, reward_names)
                     rows = shard_rows(config, batch, scores, sampling_json, checkpoint)
-                    write_shard(run, shard, rows, reward_names)
+                    write_shard(run, shard, rows, reward_names, config.sampling.self_cot)
                     progress.update(len(shards[shard]))
                     done_prompts += len(shards[shard])
                     metrics = {f"reward/{name}/mean": float(s.mean()) for name, s in scores.items()}
@@ -201,6 +219,8 @@ def run_build_prefs(config: BuildPrefsConfig) -> Path:
                         "prefs/primary_gap": float(np.mean(gaps)) if gaps else 0.0,
                         "time/images_per_s": new_prompts * config.samples_per_prompt / max(time.time() - started, 1e-9),
                     })  # fmt: skip
+                    if batch.text is not None:
+                        metrics.update(text_metrics(batch))
                     logger.log(shard, metrics)
             finally:
                 progress.close()
@@ -210,6 +230,12 @@ def run_build_prefs(config: BuildPrefsConfig) -> Path:
         manifest = write_manifest(run, config, len(prompts), len(shards), reward_names, checkpoint)
         print(f"build-prefs: {manifest['num_pairs']} pairs from {manifest['num_prompts']} prompts in {run / DATA_DIR}")
     return run
+
+
+def text_metrics(batch: RolloutBatch) -> dict[str, float]:
+    """Reasoning lengths of a shard's samples and the share a stop token ended (the rest hit max_text_tokens)."""
+    return {"text/num_tokens_mean": float(batch.text.lengths.float().mean()),
+            "text/stopped_frac": float(batch.text.stopped.float().mean())}  # fmt: skip
 
 
 def write_manifest(
@@ -225,6 +251,7 @@ def write_manifest(
         "complete": True, "num_prompts": num_prompts, "num_shards": num_shards, "num_pairs": int(sum(counts)),
         "samples_per_prompt": config.samples_per_prompt, "num_images_sampled": num_prompts * config.samples_per_prompt,
         "rewards": reward_names, "primary": config.pairs.primary, "strategy": config.pairs.strategy,
+        "self_cot": config.sampling.self_cot,
         "sampling": dataclasses.asdict(config.sampling), "checkpoint": checkpoint,
         "shards": [{"file": f"{DATA_DIR}/{f.name}", "num_pairs": c} for f, c in zip(files, counts)],
         "config": to_dict(config),

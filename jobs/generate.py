@@ -1,8 +1,14 @@
-"""`nsalign generate`: sample images from a checkpoint (or a random `tiny` model) into a PNG grid."""
+"""`nsalign generate`: sample images from a checkpoint (or a random `tiny` model) into a PNG grid.
+
+With --self-cot each image is preceded by the model's own reasoning (base_model/text.py): the CoT
+template wraps the caption, the model writes at most --max-text-tokens of text, then the image. Each
+reasoning is printed and written beside the grid, one JSON line per image in grid order (<out>.jsonl).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -12,10 +18,17 @@ from PIL import Image
 
 from base_model.checkpoint import resolve_model
 from base_model.config import RANDOM_PRESETS
-from base_model.generate import generate_images, make_grid
+from base_model.generate import decode_text, decode_tokens, make_grid, sample_prompts
 from base_model.sampler import SamplingConfig
 from base_model.sequence import DEFAULT_MAX_PROMPT_TOKENS, check_sequence_fits, model_max_positions, truncation_note
+from base_model.text import CotConfig, TextSample
 from core.errors import UserError
+from core.files import atomic_write_text
+
+COT_FLAGS = {  # CotConfig field -> the flag that sets it (only with --self-cot)
+    "template": "cot_template", "max_text_tokens": "max_text_tokens", "temperature": "text_temperature",
+    "top_p": "text_top_p",
+}  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +53,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS,
                    help="longer prompts keep their first N tokens (reported once)")  # fmt: skip
+    cot = CotConfig()
+    p.add_argument("--self-cot", action="store_true",
+                   help="the model writes its reasoning before each image (printed, saved to <out>.jsonl)")  # fmt: skip
+    p.add_argument("--cot-template", help="with --self-cot: the prompt around the caption, with {caption} once "
+                                          "(default: reason about objects, counts, colours and positions)")  # fmt: skip
+    p.add_argument("--max-text-tokens", type=int,
+                   help=f"with --self-cot: reasoning tokens at most (default {cot.max_text_tokens})")  # fmt: skip
+    p.add_argument("--text-temperature", type=float,
+                   help=f"with --self-cot: reasoning temperature, 0 greedy (default {cot.temperature})")  # fmt: skip
+    p.add_argument("--text-top-p", type=float,
+                   help=f"with --self-cot: reasoning nucleus sampling (default {cot.top_p})")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", default="cpu")
@@ -52,10 +76,11 @@ def run(args: argparse.Namespace) -> int:
         image_size=size, cfg_scale=args.cfg_scale, num_head_steps=args.steps, timestep_shift=args.shift,
         sde_kind=args.sde, use_norm=not args.no_norm, negative_prompt=args.negative_prompt,
         max_prompt_tokens=args.max_prompt_tokens, time_grid=args.time_grid, noise=args.noise,
+        self_cot=args.self_cot, cot=cot_config(args),
     )  # fmt: skip
     sampling.validate("generate")
     check_sequence_fits(args.max_prompt_tokens, (size, size), model_max_positions(args.checkpoint),
-                        "--max-prompt-tokens")  # fmt: skip
+                        "--max-prompt-tokens", text_tokens=sampling.text_tokens)  # fmt: skip
     if args.num_images < 1 or args.batch_size < 1:
         raise UserError("--num-images and --batch-size must be >= 1")
     if args.noise == "published" and args.batch_size % args.num_images:  # a batch = whole captions = one call
@@ -74,13 +99,58 @@ def run(args: argparse.Namespace) -> int:
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     seeds = [args.seed + i for _ in args.prompt for i in range(args.num_images)]
     t0 = time.perf_counter()
-    images = generate_images(bundle, prompts, seeds, sampling, batch_size=args.batch_size, progress=True)
+    images, text = sample_images(bundle, prompts, seeds, sampling, args.batch_size)
     elapsed = time.perf_counter() - t0
     grid = make_grid(images, ncols=args.num_images)
     write_png(grid, out)
     print(f"wrote {out} ({len(prompts)} images of {size}x{size} in {elapsed:.2f}s, "
           f"{len(prompts) / elapsed:.2f} images/s)")  # fmt: skip
+    if text is not None:
+        records = reasoning_records(prompts, seeds, args.num_images, text, decode_text(bundle, text))
+        print_reasoning(records, sampling.cot.max_text_tokens)
+        atomic_write_text(out.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in records))
+        print(f"wrote {out.with_suffix('.jsonl')} (each image's reasoning, one JSON line per image in grid order)")
     return 0
+
+
+def cot_config(args: argparse.Namespace) -> CotConfig:
+    """The CoT flags given -> CotConfig (defaults for the rest); a CoT flag without --self-cot is refused."""
+    given = {field: getattr(args, name) for field, name in COT_FLAGS.items() if getattr(args, name) is not None}
+    if given and not args.self_cot:
+        raise UserError(f"--{COT_FLAGS[next(iter(given))].replace('_', '-')} needs --self-cot")
+    return CotConfig(**given)
+
+
+def sample_images(
+    bundle, prompts: list[str], seeds: list[int], sampling: SamplingConfig, batch_size: int
+) -> tuple[torch.Tensor, TextSample | None]:
+    """uint8 images [N, 3, S, S] for prompts[i] with seeds[i], `batch_size` at a time, and (Self-CoT) the
+    reasoning each was drawn after."""
+    images, texts = [], []
+    for start in range(0, len(prompts), batch_size):
+        res = sample_prompts(bundle, prompts[start : start + batch_size], seeds[start : start + batch_size], sampling,
+                             progress=True)  # fmt: skip
+        images.append(decode_tokens(bundle, res.tokens, sampling.image_size))
+        texts.append(res.text)
+    return torch.cat(images), TextSample.concat([t.to("cpu") for t in texts]) if sampling.self_cot else None
+
+
+def reasoning_records(
+    prompts: list[str], seeds: list[int], num_images: int, text: TextSample, decoded: list[str]
+) -> list[dict]:
+    """One record per image, in grid order (row = prompt, column = image of that prompt)."""
+    return [{"row": i // num_images, "column": i % num_images, "prompt": prompts[i], "seed": seeds[i],
+             "text": decoded[i], "text_ids": ids, "stopped": bool(text.stopped[i])}
+            for i, ids in enumerate(text.rows())]  # fmt: skip
+
+
+def print_reasoning(records: list[dict], max_text_tokens: int) -> None:
+    """Each reasoning under a header, indented; control characters escaped (they would drive the terminal)."""
+    for r in records:
+        end = "stopped" if r["stopped"] else f"cut at {max_text_tokens} tokens"
+        print(f"reasoning, row {r['row'] + 1} image {r['column'] + 1} (seed {r['seed']}, {end}): {r['prompt']}")
+        shown = "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in r["text"])
+        print("  " + shown.replace("\n", "\n  "))
 
 
 def check_writable(directory: Path) -> None:

@@ -8,6 +8,10 @@
 Every row is one pair: the prompt, both images as PNG bytes, both images' tokens (what the DPO
 learner trains on), every reward's score for both, both seeds and sample indices, and the provenance
 (sampler settings as JSON, the generating checkpoint, policy version, pair strategy).
+A Self-CoT dataset (built with `sampling.self_cot`) has six more columns, each image's reasoning as the
+sampler wrote it: `chosen_text`/`rejected_text` (string), `chosen_text_ids`/`rejected_text_ids`
+(list<int32>) and `chosen_text_stopped`/`rejected_text_stopped` (bool); the template it was written with is
+`cot` inside the `sampling` JSON. Image-only datasets (and shards written before Self-CoT) lack them.
 `datasets.load_dataset("parquet", data_files=f"{out}/data/*.parquet")` reads it as it is.
 """
 
@@ -23,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
@@ -33,13 +38,20 @@ from core.tables import concat_same_schema, read_columns
 
 DATA_DIR, MANIFEST = PREFS_DATA_DIR, PREFS_MANIFEST  # core/formats.py names every result file once
 TOKEN_COLUMNS = ("chosen_tokens", "rejected_tokens")  # [T][D] numbers per row, read without Python lists
+TEXT_ID_COLUMNS = ("chosen_text_ids", "rejected_text_ids")  # [n] token ids per row, n varies
+TEXT_FIELDS = {  # the Self-CoT columns -> their Arrow types
+    "chosen_text": pa.string(), "rejected_text": pa.string(),
+    "chosen_text_ids": pa.list_(pa.int32()), "rejected_text_ids": pa.list_(pa.int32()),
+    "chosen_text_stopped": pa.bool_(), "rejected_text_stopped": pa.bool_(),
+}  # fmt: skip
 READ_THREADS = min(8, os.cpu_count() or 1)  # shards decoded at once by read_pairs
 
 
-def pairs_schema(reward_names: list[str]) -> pa.Schema:
-    """Arrow schema of a pair row; scores are structs {reward name: float}."""
+def pairs_schema(reward_names: list[str], self_cot: bool = False) -> pa.Schema:
+    """Arrow schema of a pair row; scores are structs {reward name: float}; self_cot adds TEXT_FIELDS."""
     scores = pa.struct([(name, pa.float32()) for name in reward_names])
     tokens = pa.list_(pa.list_(pa.float32()))  # [T][64]
+    text = list(TEXT_FIELDS.items()) if self_cot else []
     return pa.schema([
         ("prompt_id", pa.string()), ("prompt", pa.string()), ("pair_index", pa.int32()),
         ("chosen_image", pa.binary()), ("rejected_image", pa.binary()),
@@ -50,6 +62,7 @@ def pairs_schema(reward_names: list[str]) -> pa.Schema:
         ("chosen_sample_index", pa.int32()), ("rejected_sample_index", pa.int32()),
         ("strategy", pa.string()), ("sampling", pa.string()), ("checkpoint", pa.string()),
         ("policy_version", pa.int64()),
+        *text,
     ])  # fmt: skip
 
 
@@ -64,14 +77,26 @@ def token_column(blocks: list[np.ndarray]) -> pa.ListArray:
     return pa.ListArray.from_arrays(np.arange(0, n * t + 1, t, dtype=np.int32), inner)
 
 
-def pairs_table(rows: list[dict], reward_names: list[str]) -> pa.Table:
-    """Rows (tokens as [T, D] arrays or tensors) -> a table of `pairs_schema`; the token columns go through
-    `token_column`, the rest through Arrow's row conversion."""
-    schema = pairs_schema(reward_names)
-    plain = [{k: v for k, v in r.items() if k not in TOKEN_COLUMNS} for r in rows]
-    columns = {f.name: pa.array([r[f.name] for r in plain], type=f.type) for f in schema if f.name not in TOKEN_COLUMNS}
+def id_column(rows: list) -> pa.ListArray:
+    """Token ids [n_i] per row (integer arrays, tensors or lists) -> a list<int32> column over one flat
+    int32 buffer (no Python object per id)."""
+    lengths = np.array([len(r) for r in rows], dtype=np.int32)  # [rows]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)  # [rows + 1]
+    flat = np.concatenate([np.asarray(r, dtype=np.int32) for r in rows]) if rows else np.zeros(0, np.int32)
+    return pa.ListArray.from_arrays(offsets, pa.array(flat, type=pa.int32()))
+
+
+def pairs_table(rows: list[dict], reward_names: list[str], self_cot: bool = False) -> pa.Table:
+    """Rows (tokens as [T, D] arrays or tensors, text ids as [n] integer arrays or lists) -> a table of
+    `pairs_schema`; token and id columns go through `token_column`/`id_column`, the rest through Arrow's
+    row conversion."""
+    schema = pairs_schema(reward_names, self_cot)
+    built = TOKEN_COLUMNS + (TEXT_ID_COLUMNS if self_cot else ())
+    columns = {f.name: pa.array([r[f.name] for r in rows], type=f.type) for f in schema if f.name not in built}
     for name in TOKEN_COLUMNS:
         columns[name] = token_column([np.asarray(r[name], dtype=np.float32) for r in rows])
+    for name in TEXT_ID_COLUMNS if self_cot else ():
+        columns[name] = id_column([r[name] for r in rows])
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
@@ -201,8 +226,80 @@ def read_tokens(paths: list[Path], counts: list[int]) -> dict[str, torch.Tensor]
     return out
 
 
+def shard_self_cot(path: Path) -> bool:
+    """Whether a (readable) shard holds the Self-CoT columns; some of them but not all is refused, naming it."""
+    names = set(pq.read_schema(path).names)
+    missing = [name for name in TEXT_FIELDS if name not in names]
+    if missing and len(missing) < len(TEXT_FIELDS):
+        raise UserError(f"{path}: has Self-CoT text columns but no column '{missing[0]}'")
+    return not missing
+
+
+def dataset_self_cot(paths: list[Path], directory: str | Path) -> bool:
+    """Whether every shard is a Self-CoT shard (True) or none is (False); a mix is one UserError."""
+    kinds = [shard_self_cot(p) for p in paths]
+    if len(set(kinds)) > 1:
+        cot, plain = paths[kinds.index(True)].name, paths[kinds.index(False)].name
+        raise UserError(f"{directory}: mixes Self-CoT shards ({cot}, with reasoning text) and image-only shards "
+                        f"({plain}); build them as separate datasets")  # fmt: skip
+    return kinds[0]
+
+
+def sampled_cot(sampling_values: list[str], self_cot: bool, where: str | Path) -> CotConfig | None:
+    """The CotConfig of a dataset's distinct `sampling` column values (already read by `sampled_image_size`),
+    None for an image-only dataset; the values must agree with the shards' columns and with each other."""
+    settings = [json.loads(s) for s in sampling_values]
+    flags = sorted({bool(d.get("self_cot", False)) for d in settings})
+    if flags != [self_cot]:
+        said = ", ".join(str(f).lower() for f in flags)
+        raise UserError(f"{where}: the shards {'have' if self_cot else 'lack'} reasoning text columns but column "
+                        f"'sampling' says self_cot: {said}")  # fmt: skip
+    if not self_cot:
+        return None
+    cots = {json.dumps(d.get("cot"), sort_keys=True) for d in settings}
+    if len(cots) > 1:
+        raise UserError(f"{where}: pairs written with {len(cots)} different CoT settings (sampling.cot, e.g. "
+                        f"templates); a Self-CoT dataset takes one")  # fmt: skip
+    try:
+        cot = CotConfig(**settings[0]["cot"])
+    except (KeyError, TypeError):
+        raise UserError(f"{where}: column 'sampling' holds no valid 'cot' settings") from None
+    cot.validate(f"{where}: sampling.cot")
+    return cot
+
+
+def id_lists(column: pa.ChunkedArray, name: str, where: str | Path) -> list[list[int]]:
+    """A list<integer> column [N] -> N Python lists of ids (what PreferencePairs holds; texts are short)."""
+    values = pc.list_flatten(column)
+    if column.null_count or values.null_count or not pa.types.is_integer(values.type):
+        raise UserError(f"{where}: column '{name}' is not a list of token ids per row")
+    return column.to_pylist()
+
+
+def read_texts(paths: list[Path], directory: str | Path) -> dict[str, list | torch.Tensor]:
+    """The Self-CoT columns of shards `paths` -> PreferencePairs' text fields (ids, stopped [N] bool, strings)."""
+    kinds = {"chosen_text": "string", "rejected_text": "string", "chosen_text_ids": "list", "rejected_text_ids": "list",
+             "chosen_text_stopped": "any", "rejected_text_stopped": "any"}  # fmt: skip
+    table = concat_same_schema([read_columns(p, kinds, "preference shard") for p in paths], paths)
+    out = {}
+    for name in TEXT_FIELDS:
+        column = table.column(name)
+        if column.null_count:
+            raise UserError(f"{directory}: column '{name}' has {column.null_count} empty rows")
+        if name in TEXT_ID_COLUMNS:
+            out[name] = id_lists(column, name, directory)
+        elif kinds[name] == "any":  # the stopped flags
+            if not pa.types.is_boolean(column.type):
+                raise UserError(f"{directory}: column '{name}' is {column.type}, expected bool")
+            out[name] = torch.from_numpy(np.array(column.to_numpy(), dtype=bool))  # [N]
+        else:
+            out[name] = column.to_pylist()
+    return out
+
+
 def read_pairs(directory: str | Path) -> PreferencePairs:
-    """All pairs of a build-prefs output directory (or one shard file)."""
+    """All pairs of a build-prefs output directory (or one shard file); a Self-CoT dataset also fills the
+    text fields and `cot`, an image-only one leaves them None."""
     paths = shard_paths(directory)
     if not paths:
         raise UserError(f"no preference shards in {directory} (expected {DATA_DIR}/{SHARD_GLOB})")
@@ -211,9 +308,12 @@ def read_pairs(directory: str | Path) -> PreferencePairs:
     table = concat_same_schema(tables, paths)
     if table.num_rows == 0:
         raise UserError(f"{directory}: the preference dataset has no pairs")
-    sizes = {sampled_image_size(s, directory) for s in pc.unique(table.column("sampling")).to_pylist()}
+    sampling_values = pc.unique(table.column("sampling")).to_pylist()
+    sizes = {sampled_image_size(s, directory) for s in sampling_values}
     if len(sizes) != 1:
         raise UserError(f"{directory}: pairs of several image sizes {sorted(sizes)}")
+    self_cot = dataset_self_cot(paths, directory)
+    cot = sampled_cot(sampling_values, self_cot, directory)
 
     def rewards(name: str) -> torch.Tensor:
         column = table.column(name)
@@ -222,9 +322,10 @@ def read_pairs(directory: str | Path) -> PreferencePairs:
         return torch.from_numpy(np.array(column.to_numpy(), dtype=np.float32))  # [N], a copy torch may write to
 
     tokens = read_tokens(paths, [t.num_rows for t in tables])
+    texts = read_texts(paths, directory) if self_cot else {}
     return PreferencePairs(
         prompts=table.column("prompt").to_pylist(),
         chosen_tokens=tokens["chosen_tokens"], rejected_tokens=tokens["rejected_tokens"],
         chosen_reward=rewards("chosen_reward"), rejected_reward=rewards("rejected_reward"),
-        image_size=sizes.pop(),
+        image_size=sizes.pop(), cot=cot, **texts,
     )  # fmt: skip

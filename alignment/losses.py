@@ -19,12 +19,17 @@ import torch.nn.functional as F
 @dataclass
 class DpoOutput:
     loss: torch.Tensor  # []
-    implicit_accuracy: torch.Tensor  # [] share of pairs with a positive margin
-    margin: torch.Tensor  # [] mean of -(beta/2) * [(l_w - l_ref_w) - (l_l - l_ref_l)]
+    implicit_accuracy: torch.Tensor  # [] share of pairs with a positive margin z
+    margin: torch.Tensor  # [] mean z: the image margin, plus the text margin when the text term is on
     mse_w: torch.Tensor  # [] policy error on winners
     mse_l: torch.Tensor
     ref_mse_w: torch.Tensor
     ref_mse_l: torch.Tensor
+    # Self-CoT text term (docs/algorithms.md §8.1); None without it
+    image_margin: torch.Tensor | None = None  # [] mean of -(beta/2) [(l_w - l_ref_w) - (l_l - l_ref_l)]
+    text_margin: torch.Tensor | None = None  # [] mean of text_beta [(log pi(t_w) - log pi_ref(t_w)) - (... t_l)]
+    text_logratio_chosen: torch.Tensor | None = None  # [] mean of log pi(t_w) - log pi_ref(t_w)
+    text_logratio_rejected: torch.Tensor | None = None  # [] mean of log pi(t_l) - log pi_ref(t_l)
 
 
 def diffusion_dpo_loss(
@@ -34,24 +39,47 @@ def diffusion_dpo_loss(
     ref_err_l: torch.Tensor,
     beta: float,
     chosen_fm_weight: float = 0.0,
+    text_w: torch.Tensor | None = None,
+    text_l: torch.Tensor | None = None,
+    ref_text_w: torch.Tensor | None = None,
+    ref_text_l: torch.Tensor | None = None,
+    text_beta: float = 0.1,
 ) -> DpoOutput:
-    """L = -log sigmoid(-(beta/2) [(l_w - l_ref_w) - (l_l - l_ref_l)]) + lambda l_w, errors [N] from the
-    SAME (t, e).
+    """L = -log sigmoid(z) + lambda l_w with z = -(beta/2) [(l_w - l_ref_w) - (l_l - l_ref_l)], errors [N] from
+    the SAME (t, e).
 
     Equals log 2 (+ lambda mean l_w) when the policy equals the reference. lambda = `chosen_fm_weight`:
     the flow-matching loss on the winners, the diffusion counterpart of the NLL term that RPO (arXiv
     2404.19733) adds to DPO; it stops the known failure where DPO raises both errors (both images
     get less likely) while their difference grows.
+
+    Self-CoT text term (all four given): the reasoning log-probs text_w, text_l [N] (log pi(t | c) summed over
+    each reasoning) and the reference's add the standard DPO margin of the text to z, one sigmoid over the
+    joint likelihood of text then image (docs/algorithms.md §8.1):
+        z += text_beta [(log pi(t_w) - log pi_ref(t_w)) - (log pi(t_l) - log pi_ref(t_l))]
     """
-    inside = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))  # [N]
+    image = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))  # [N]
+    text = (text_w, text_l, ref_text_w, ref_text_l)
+    if any(x is None for x in text) and any(x is not None for x in text):
+        raise ValueError("the text term needs text_w, text_l, ref_text_w and ref_text_l together")
+    inside, parts = image, {}
+    if text_w is not None:
+        ratio_w, ratio_l = text_w - ref_text_w, text_l - ref_text_l  # [N] log pi / pi_ref of each reasoning
+        text_margin = text_beta * (ratio_w - ratio_l)  # [N]
+        inside = image + text_margin
+        parts = dict(
+            image_margin=image.detach().mean(), text_margin=text_margin.detach().mean(),
+            text_logratio_chosen=ratio_w.detach().mean(), text_logratio_rejected=ratio_l.detach().mean(),
+        )  # fmt: skip
     return DpoOutput(
         loss=-F.logsigmoid(inside).mean() + chosen_fm_weight * err_w.mean(),
-        implicit_accuracy=(inside > 0).float().mean(),
+        implicit_accuracy=(inside.detach() > 0).float().mean(),
         margin=inside.detach().mean(),
         mse_w=err_w.detach().mean(),
         mse_l=err_l.detach().mean(),
         ref_mse_w=ref_err_w.detach().mean(),
         ref_mse_l=ref_err_l.detach().mean(),
+        **parts,
     )
 
 

@@ -1,7 +1,8 @@
 """Model-facing objectives: turn a batch and the model into (loss, metrics) for `Learner.step`.
 
 GRPO over recorded head chains (`grpo_objective`) and Diffusion-DPO's per-image flow errors of a pair batch
-(`pair_errors`, with the seeded per-token noise `pair_noise` they share). The maths stays in
+(`pair_scores` / `pair_errors`, with the seeded per-token noise `pair_noise` they share; on Self-CoT pairs each
+image is conditioned on its own reasoning, whose log-prob the text term also scores). The maths stays in
 `alignment.losses` (pure tensors); this file only runs the teacher-forced passes.
 """
 
@@ -16,8 +17,9 @@ import torch
 from alignment.losses import DpoOutput, grpo_loss
 from base_model.flow import KlScale, flow_grpo_kl_factor, gaussian_kl_same_std, time_grid
 from base_model.model import NextStepModel
-from base_model.sequence import DEFAULT_MAX_PROMPT_TOKENS, build_prompt_batch
+from base_model.sequence import DEFAULT_MAX_PROMPT_TOKENS, PromptBatch, build_prompt_batch, build_self_cot_batch
 from base_model.teacher_forcing import ChainScores, per_image_flow_error, score_chains, teacher_forced
+from base_model.text import CotConfig
 from base_model.tokenizer import SpecialIds
 from rollout.batch import RolloutBatch
 from rollout.prefs_format import PreferencePairs
@@ -135,17 +137,90 @@ class PairBatch:
     rejected: torch.Tensor  # [N, T, 64] loser tokens y_l
     t: torch.Tensor  # [N, T] per-token flow times, shared by winner, loser, policy and reference
     noise: torch.Tensor  # [N, T, 64] per-token noise e_j, shared likewise
+    # Self-CoT pairs (PreferencePairs.self_cot): each image's reasoning t_w / t_l, written with `cot`'s template;
+    # None for image-only pairs
+    chosen_text_ids: list[list[int]] | None = None  # [N] token ids
+    rejected_text_ids: list[list[int]] | None = None
+    chosen_text_stopped: torch.Tensor | None = None  # [N] bool: the reasoning ended with a stop token
+    rejected_text_stopped: torch.Tensor | None = None
+    cot: CotConfig | None = None
+
+    @property
+    def self_cot(self) -> bool:
+        return self.chosen_text_ids is not None
 
 
 def make_batch(pairs: PreferencePairs, indices: list[int], positions: list[int], seed: int, stream: int) -> PairBatch:
-    """Pairs `indices` of a PreferencePairs; `positions` (one per pair) seed their (t, e)."""
+    """Pairs `indices` of a PreferencePairs (with their reasoning when it has some); `positions` (one per
+    pair) seed their (t, e)."""
     _, num_tokens, dim = pairs.chosen_tokens.shape
     noise = [pair_noise(seed, stream, p, num_tokens, dim) for p in positions]
+    text = {}
+    if pairs.self_cot:
+        text = dict(
+            chosen_text_ids=[pairs.chosen_text_ids[i] for i in indices],
+            rejected_text_ids=[pairs.rejected_text_ids[i] for i in indices],
+            chosen_text_stopped=pairs.chosen_text_stopped[indices],
+            rejected_text_stopped=pairs.rejected_text_stopped[indices], cot=pairs.cot,
+        )  # fmt: skip
     return PairBatch(
         prompts=[pairs.prompts[i] for i in indices],
         chosen=pairs.chosen_tokens[indices], rejected=pairs.rejected_tokens[indices],
-        t=torch.stack([n[0] for n in noise]), noise=torch.stack([n[1] for n in noise]),
+        t=torch.stack([n[0] for n in noise]), noise=torch.stack([n[1] for n in noise]), **text,
     )  # fmt: skip
+
+
+@dataclass
+class PairScores:
+    """What one model gives a PairBatch in one teacher-forced pass."""
+
+    err_w: torch.Tensor  # [N] fp32 per-image flow error l(y_w) (Self-CoT: conditioned on t_w)
+    err_l: torch.Tensor  # [N] l(y_l)
+    # Self-CoT with the text term: log pi(t | c) of each reasoning, summed over its tokens and stop event [N]
+    text_w: torch.Tensor | None = None
+    text_l: torch.Tensor | None = None
+
+
+def pair_prompt_batch(
+    tokenizer: PreTrainedTokenizerBase, ids: SpecialIds, batch: PairBatch, image_size: int, max_prompt_tokens: int
+) -> PromptBatch:
+    """The 2N rows [winners | losers] of a pair batch, without CFG: the captions alone, or (Self-CoT) each
+    caption in the CoT template followed by that image's own reasoning, so every image is conditioned on the
+    text it was drawn after."""
+    size = (image_size, image_size)
+    if not batch.self_cot:
+        return build_prompt_batch(tokenizer, ids, batch.prompts * 2, size, False, max_prompt_tokens=max_prompt_tokens)
+    texts = batch.chosen_text_ids + batch.rejected_text_ids
+    return build_self_cot_batch(tokenizer, ids, batch.prompts * 2, size, False, batch.cot, texts=texts,
+                                max_prompt_tokens=max_prompt_tokens)  # fmt: skip
+
+
+def pair_scores(
+    model: NextStepModel,
+    tokenizer: PreTrainedTokenizerBase,
+    ids: SpecialIds,
+    batch: PairBatch,
+    image_size: int,
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+    score_text: bool = False,
+) -> PairScores:
+    """Per-image flow errors (and, with `score_text` on Self-CoT pairs, the reasoning log-probs) of the N pairs
+    from ONE teacher-forced pass over 2N rows."""
+    if score_text and not batch.self_cot:
+        raise ValueError("reasoning log-probs need Self-CoT pairs")
+    device = model.device
+    prompt_batch = pair_prompt_batch(tokenizer, ids, batch, image_size, max_prompt_tokens)
+    tokens = torch.cat([batch.chosen, batch.rejected]).to(device)  # [2N, T, 64]
+    stopped = torch.cat([batch.chosen_text_stopped, batch.rejected_text_stopped]) if score_text else None  # [2N]
+    forced = teacher_forced(model, prompt_batch, ids, tokens, text_stopped=stopped)
+    t = batch.t.repeat(2, 1).to(device)  # [2N, T]: the same (t, e) for winner and loser
+    noise = batch.noise.repeat(2, 1, 1).to(device)  # [2N, T, 64]
+    err = per_image_flow_error(model, forced.image_cond, tokens, t, noise)  # [2N] fp32
+    n = len(batch.prompts)
+    if not score_text:
+        return PairScores(err[:n], err[n:])
+    text = forced.text_log_probs.sum(-1)  # [2N]: tokens and stop event (TextSample.log_probs' layout)
+    return PairScores(err[:n], err[n:], text[:n], text[n:])
 
 
 def pair_errors(
@@ -156,22 +231,22 @@ def pair_errors(
     image_size: int,
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image flow errors (l(y_w) [N], l(y_l) [N]) from ONE teacher-forced pass over 2N rows."""
-    device = model.device
-    prompt_batch = build_prompt_batch(tokenizer, ids, batch.prompts * 2, (image_size, image_size), False,
-                                      max_prompt_tokens=max_prompt_tokens)  # fmt: skip
-    tokens = torch.cat([batch.chosen, batch.rejected]).to(device)  # [2N, T, 64]
-    cond = teacher_forced(model, prompt_batch, ids, tokens).image_cond  # [2N, T, H]
-    t = batch.t.repeat(2, 1).to(device)  # [2N, T]: the same (t, e) for winner and loser
-    noise = batch.noise.repeat(2, 1, 1).to(device)  # [2N, T, 64]
-    err = per_image_flow_error(model, cond, tokens, t, noise)  # [2N] fp32
-    n = len(batch.prompts)
-    return err[:n], err[n:]
+    """Per-image flow errors (l(y_w) [N], l(y_l) [N]) from ONE teacher-forced pass over 2N rows (`pair_scores`)."""
+    scores = pair_scores(model, tokenizer, ids, batch, image_size, max_prompt_tokens)
+    return scores.err_w, scores.err_l
 
 
 DPO_METRICS = ("loss", "implicit_accuracy", "margin", "mse_w", "mse_l", "ref_mse_w", "ref_mse_l")
+TEXT_DPO_METRICS = ("image_margin", "text_margin", "text_logratio_chosen", "text_logratio_rejected")
+
+
+def dpo_metric_names(text_loss: bool) -> tuple[str, ...]:
+    """The DpoOutput fields logged as metrics (the text term's too when it is on)."""
+    return DPO_METRICS + (TEXT_DPO_METRICS if text_loss else ())
 
 
 def dpo_metrics(out: DpoOutput, area: str) -> dict[str, float]:
-    """DpoOutput -> {area/loss, area/implicit_accuracy, area/margin, area/mse_w, ...}."""
-    return {f"{area}/{name}": float(getattr(out, name).detach()) for name in DPO_METRICS}
+    """DpoOutput -> {area/loss, area/implicit_accuracy, area/margin, area/mse_w, ...} (+ area/text_margin, ...
+    when it carries the text term)."""
+    names = dpo_metric_names(out.text_margin is not None)
+    return {f"{area}/{name}": float(getattr(out, name).detach()) for name in names}

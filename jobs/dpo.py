@@ -7,6 +7,12 @@ and loser, policy and reference. L = -log sigmoid(-(beta/2) [(l(y_w) - l_ref(y_w
 Gradients reach the head and, through h_j, the backbone. The reference is the frozen starting model
 (a second copy), or the policy with its LoRA adapters disabled when `learner.lora` is set.
 
+Self-CoT pairs (build-prefs with sampling.self_cot, docs/algorithms.md §8.1): each image is conditioned on the
+reasoning t it was drawn after (the caption in the pairs' CoT template, then t, then the image block).
+`text_loss: true` adds the standard DPO margin of the reasoning, text_beta [(log pi(t_w) - log pi_ref(t_w))
+- (log pi(t_l) - log pi_ref(t_l))], to z inside the same sigmoid: DPO on the joint likelihood of text then
+image; only then does a gradient reach lm_head.
+
 Departures from the paper: each image token draws its own t_j ~ logit-normal and e_j (NextStep's
 training distribution), not one t per image; (t, e) of a pair come from a generator seeded by
 (seed, position in the pair stream), so a resumed run and any world size see the same noise.
@@ -26,12 +32,22 @@ import torch
 
 from alignment.learner import Learner
 from alignment.learner_config import LearnerConfig
-from alignment.losses import diffusion_dpo_loss
+from alignment.losses import DpoOutput, diffusion_dpo_loss
 from alignment.model_source import open_model
-from alignment.objectives import DPO_METRICS, EVAL_STREAM, TRAIN_STREAM, PairBatch, dpo_metrics, make_batch, pair_errors
+from alignment.objectives import (
+    EVAL_STREAM,
+    TRAIN_STREAM,
+    PairBatch,
+    PairScores,
+    dpo_metric_names,
+    dpo_metrics,
+    make_batch,
+    pair_scores,
+)
 from alignment.ranks import check_divisible, rank, rank_share, world_size
 from alignment.trainer import Trainer
 from base_model.model import NextStepModel
+from base_model.sampler import SamplingConfig
 from base_model.sequence import DEFAULT_MAX_PROMPT_TOKENS, check_sequence_fits, grid_for_size, truncation_note
 from core.errors import ConfigError, UserError
 from core.rng import sample_order
@@ -53,6 +69,9 @@ class DpoConfig:
     data: DpoDataConfig = field(default_factory=DpoDataConfig)
     beta: float = 2500.0  # scale of the error difference; depends on how the error is averaged (docs/algorithms.md §8)
     chosen_fm_weight: float = 0.0  # lambda of an extra flow-matching loss on the winners (RPO-style; 0 = off)
+    # Self-CoT pairs: also DPO on the reasoning text, its margin added inside the sigmoid (docs/algorithms.md §8.1)
+    text_loss: bool = False
+    text_beta: float = 0.1  # beta of the text term (standard DPO's default)
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS  # longer prompts keep their first N tokens (counted once)
     steps: int = 100
     pairs_per_step: int = 8  # over all ranks
@@ -75,6 +94,8 @@ class DpoConfig:
             raise ConfigError(f"{where}.beta: must be > 0, got {self.beta}")
         if self.chosen_fm_weight < 0:
             raise ConfigError(f"{where}.chosen_fm_weight: must be >= 0, got {self.chosen_fm_weight}")
+        if not self.text_beta > 0:
+            raise ConfigError(f"{where}.text_beta: must be > 0, got {self.text_beta}")
         if self.max_prompt_tokens < 1:  # the fit to the model is checked once the dataset's image size is known
             raise ConfigError(f"{where}.max_prompt_tokens: must be >= 1, got {self.max_prompt_tokens}")
         for name in ("steps", "pairs_per_step", "micro_batch_pairs", "eval_every", "eval_micro_batch_pairs",
@@ -125,6 +146,28 @@ def check_pairs_fit(pairs: PreferencePairs, token_dim: int, where: str) -> None:
         )
 
 
+def self_cot_text_tokens(pairs: PreferencePairs, where: str) -> int:
+    """Positions the pairs' CoT template and reasoning add to a sequence (0 for image-only pairs): the
+    sampler's bound (`SamplingConfig.text_tokens`) for the template and max_text_tokens they were written with."""
+    if not pairs.self_cot:
+        return 0
+    longest = max(len(t) for t in pairs.chosen_text_ids + pairs.rejected_text_ids)
+    if longest > pairs.cot.max_text_tokens:
+        raise UserError(f"{where}: a reasoning of {longest} tokens is longer than the dataset's "
+                        f"cot.max_text_tokens={pairs.cot.max_text_tokens}")  # fmt: skip
+    return SamplingConfig(image_size=pairs.image_size, self_cot=True, cot=pairs.cot).text_tokens
+
+
+def concat_scores(parts: list[PairScores]) -> PairScores:
+    """PairScores of several batches -> one (the text fields stay None when the batches have none)."""
+
+    def cat(name: str) -> torch.Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    return PairScores(cat("err_w"), cat("err_l"), cat("text_w"), cat("text_l"))
+
+
 class DpoTrainer(Trainer):
     """Diffusion-DPO in the trainer shape: one optimizer update per step over `pairs_per_step` pairs of an
     endless seeded stream, each rank a contiguous slice; held-out evaluation every `eval_every` steps."""
@@ -139,12 +182,15 @@ class DpoTrainer(Trainer):
     def setup(self) -> None:
         config = self.config
         self.pairs = read_pairs(config.data.path)
+        if config.text_loss and not self.pairs.self_cot:
+            raise UserError(f"text_loss: true needs Self-CoT pairs, but {config.data.path} holds image-only pairs "
+                            "(build it with sampling.self_cot: true, or set text_loss=false)")  # fmt: skip
         self.split = split_by_prompt(self.pairs.prompts, config.data.eval_fraction)
         source = open_model(config.model, seed=config.seed)  # weights read parameter by parameter below
         check_pairs_fit(self.pairs, source.config.token_dim, config.data.path)
         check_sequence_fits(config.max_prompt_tokens, (self.pairs.image_size,) * 2,
-                            source.config.max_position_embeddings,
-                            f"{config.data.path}: max_prompt_tokens")  # fmt: skip
+                            source.config.max_position_embeddings, f"{config.data.path}: max_prompt_tokens",
+                            text_tokens=self_cot_text_tokens(self.pairs, config.data.path))  # fmt: skip
         torch.manual_seed(config.seed)
         # a rendezvous of all ranks; under ZeRO-3 policy and reference are built partitioned (zero.Init)
         self.learner = Learner.from_source(source.build, source.read, config.learner, reference=True,
@@ -168,10 +214,17 @@ class DpoTrainer(Trainer):
                 f"{per_rank // config.micro_batch_pairs} micro batches x {config.micro_batch_pairs} pairs; "
                 f"{config.steps} "
                 f"steps (~{config.steps * config.pairs_per_step / len(split.train):.1f} epochs); beta {config.beta}; "
+                f"{self.text_note()}"
                 f"{'LoRA' if config.learner.lora else 'full'} fine-tuning -> {self.run_dir}")  # fmt: skip
         unique = sorted(set(pairs.prompts))
         note = truncation_note("dpo", "max_prompt_tokens", self.bundle.tokenizer, unique, config.max_prompt_tokens)
         return f"{text}\n{note}" if note else text
+
+    def text_note(self) -> str:
+        if not self.pairs.self_cot:
+            return ""
+        term = f"text DPO term on (text_beta {self.config.text_beta})" if self.config.text_loss else "text term off"
+        return f"Self-CoT pairs ({term}); "
 
     def step(self) -> dict[str, float] | None:
         config, state = self.config, self.state
@@ -196,33 +249,38 @@ class DpoTrainer(Trainer):
             metrics.update(self.evaluate())
         return metrics
 
-    def errors(self, model: NextStepModel, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(l(y_w) [N], l(y_l) [N]) of `model`."""
-        return pair_errors(model, self.bundle.tokenizer, self.bundle.ids, batch, self.pairs.image_size,
-                           self.config.max_prompt_tokens)  # fmt: skip
+    def scores(self, model: NextStepModel, batch: PairBatch) -> PairScores:
+        """l(y_w), l(y_l) [N] of `model` (and log pi(t_w), log pi(t_l) [N] with text_loss)."""
+        return pair_scores(model, self.bundle.tokenizer, self.bundle.ids, batch, self.pairs.image_size,
+                           self.config.max_prompt_tokens, score_text=self.config.text_loss)  # fmt: skip
+
+    def dpo_loss(self, pol: PairScores, ref: PairScores) -> DpoOutput:
+        config = self.config
+        return diffusion_dpo_loss(pol.err_w, pol.err_l, ref.err_w, ref.err_l, config.beta, config.chosen_fm_weight,
+                                  pol.text_w, pol.text_l, ref.text_w, ref.text_l, config.text_beta)  # fmt: skip
 
     def loss_fn(self, model: NextStepModel, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        err_w, err_l = self.errors(model, batch)
-        with self.learner.reference() as ref:
-            ref_w, ref_l = self.errors(ref, batch)
-        out = diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, self.config.beta, self.config.chosen_fm_weight)
+        pol = self.scores(model, batch)
+        with self.learner.reference() as ref_model:  # no_grad: its errors and text log-probs alike
+            ref = self.scores(ref_model, batch)
+        out = self.dpo_loss(pol, ref)
         return out.loss, dpo_metrics(out, "dpo")
 
     def evaluate(self) -> dict[str, float]:
         """`dpo_eval/*` over the held-out pairs, averaged over the ranks by their number of pairs."""
         learner = self.learner
         learner.model.eval()
-        errs = []
+        pols, refs = [], []
         with torch.no_grad():
             for batch in self.eval_batches:
-                pol = self.errors(learner.model, batch)
+                pols.append(self.scores(learner.model, batch))
                 with learner.reference() as ref:
-                    errs.append((*pol, *self.errors(ref, batch)))
+                    refs.append(self.scores(ref, batch))
         learner.model.train()
-        if not errs:  # a rank without held-out pairs still joins the all-reduce, with weight 0
-            return learner.mean_over_ranks({f"dpo_eval/{name}": 0.0 for name in DPO_METRICS}, weight=0.0)
-        out = diffusion_dpo_loss(*(torch.cat([e[k] for e in errs]) for k in range(4)), self.config.beta,
-                                 self.config.chosen_fm_weight)  # fmt: skip
+        if not pols:  # a rank without held-out pairs still joins the all-reduce, with weight 0
+            names = dpo_metric_names(self.config.text_loss)
+            return learner.mean_over_ranks({f"dpo_eval/{name}": 0.0 for name in names}, weight=0.0)
+        out = self.dpo_loss(concat_scores(pols), concat_scores(refs))
         return learner.mean_over_ranks(dpo_metrics(out, "dpo_eval"), weight=float(len(self.my_eval)))
 
     def postfix(self, metrics: dict[str, float]) -> dict[str, str]:

@@ -44,6 +44,34 @@ def test_dpo_hand_values():
     assert float(out.mse_w) == pytest.approx(0.998) and float(out.ref_mse_l) == pytest.approx(1.0)
 
 
+def test_dpo_text_term_adds_the_reasoning_margin_inside_the_sigmoid():
+    # 2 Self-CoT pairs, beta 1000, text_beta 0.1, lambda 0.5:
+    # pair 0: image errors -0.002 / +0.002 vs the reference -> z_img = 2; text log-ratios 3 / -2 -> m_text = 0.5
+    # pair 1: image errors +0.004 / 0 -> z_img = -2; text log-ratios 1 / -1 -> m_text = 0.2
+    # z = (2.5, -1.8): loss = mean(softplus(-2.5), softplus(1.8)) + 0.5 * mean(0.998, 1.004)
+    f64 = dict(dtype=torch.float64)
+    err_w, err_l = torch.tensor([0.998, 1.004], **f64), torch.tensor([1.002, 1.0], **f64)
+    ref = torch.ones(2, **f64)
+    text = {name: torch.tensor(v, **f64) for name, v in [("text_w", [-10.0, -20.0]), ("text_l", [-15.0, -30.0]),
+            ("ref_text_w", [-13.0, -21.0]), ("ref_text_l", [-13.0, -29.0])]}  # fmt: skip
+    out = diffusion_dpo_loss(err_w, err_l, ref, ref, beta=1000.0, chosen_fm_weight=0.5, text_beta=0.1, **text)
+
+    def softplus(x: float) -> float:  # -log sigmoid(z) = softplus(-z)
+        return math.log1p(math.exp(x))
+
+    expected = (softplus(-2.5) + softplus(1.8)) / 2 + 0.5 * (0.998 + 1.004) / 2
+    assert float(out.loss) == pytest.approx(expected, abs=1e-6)
+    assert float(out.margin) == pytest.approx(0.35, abs=1e-6) and float(out.implicit_accuracy) == 0.5
+    assert float(out.image_margin) == pytest.approx(0.0, abs=1e-6) and float(out.text_margin) == pytest.approx(0.35)
+    assert float(out.text_logratio_chosen) == pytest.approx(2.0) and float(out.text_logratio_rejected) == -1.5
+    # without the text term the same images give z = (2, -2): the text fields are absent
+    plain = diffusion_dpo_loss(err_w, err_l, ref, ref, beta=1000.0)
+    assert float(plain.loss) == pytest.approx((softplus(-2.0) + softplus(2.0)) / 2, abs=1e-6)
+    assert plain.text_margin is None and plain.image_margin is None
+    with pytest.raises(ValueError, match="together"):
+        diffusion_dpo_loss(err_w, err_l, ref, ref, beta=1000.0, text_w=text["text_w"], text_l=text["text_l"])
+
+
 def test_group_advantages_hand_values():
     r = torch.tensor([[1.0, 3.0], [2.0, 2.0]])
     adv = group_advantages(r, eps=0.0 + 1e-4)

@@ -70,6 +70,12 @@ def image_signals(png: bytes) -> tuple[float, float]:
     return float(np.asarray(img, dtype=np.float64).mean() / 255.0), float(hsv[..., 1].mean())
 
 
+def cot_pairs(res: EvalResults) -> list[tuple[str, str]]:
+    """(with, without): each Self-CoT entry and every entry sampled from the same weights without it."""
+    plain = [p for p in res.checkpoints if p not in res.self_cot]
+    return [(c, p) for c in res.self_cot for p in plain if res.paths[p] == res.paths[c]]
+
+
 def eval_section(res: EvalResults, selection: dict | None, baseline: str | None, num_resamples: int,
                  max_grid_prompts: int) -> dict:  # fmt: skip
     """Tables, win rates, distributions, image grid and drift signals of one eval directory."""
@@ -88,6 +94,7 @@ def eval_section(res: EvalResults, selection: dict | None, baseline: str | None,
     grid = [
         {"prompt": res.prompts[i], "prompt_id": res.prompt_ids[i],
          "images": [data_uri(res.thumbnails[c][i]) for c in range(len(names))],
+         "reasoning": [res.reasoning[c][i] for c in range(len(names))],  # model output: the page shows it as text
          "scores": {r: [r6(res.scores[r][c, i]) for c in range(len(names))] for r in rewards}}
         for i in first[:max_grid_prompts]
     ]  # fmt: skip
@@ -108,7 +115,9 @@ def eval_section(res: EvalResults, selection: dict | None, baseline: str | None,
         "corr_samples": [[r6(spearman(flat[a], flat[b])) for b in rewards] for a in rewards],
         "corr_means": [[r6(pearson(means[:, i], means[:, j])) for j in range(len(rewards))]
                        for i in range(len(rewards))],
-        "selection": selection,
+        "selection": selection, "self_cot": res.self_cot,
+        "cot_pairs": [{"with": a, "without": b, "deltas": {r: deltas[b][r][names.index(a)] for r in rewards}}
+                      for a, b in cot_pairs(res)],
     }  # fmt: skip
 
 

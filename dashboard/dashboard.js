@@ -34,6 +34,8 @@ function selectBox(label, options, value, onchange) {
   return el("label", {}, label + " ", s);
 }
 function card(id, title, ...kids) { return el("section", {class: "card", id}, el("h2", {}, title), ...kids); }
+// checkpoints sampled with Self-CoT carry a tag; their reasoning (model output) only ever enters the page as text
+const cotTag = (S, c) => (S.self_cot || []).includes(c) ? el("span", {class: "cot-tag", title: "sampled with Self-CoT: reasoning, then the image"}, "Self-CoT") : null;
 const nav = [];
 
 // ---- evaluation: table, win rates, distributions, grid, hacking panel --------------------------------
@@ -43,7 +45,7 @@ function rewardTable(S, box, base) {
     S.rewards.map(r => [el("th", {}, r, el("div", {class: "muted"}, "mean [95% CI]")),
                         el("th", {}, "Δ vs " + base, el("div", {class: "muted"}, "paired 95% CI"))]));
   const rows = S.checkpoints.map((c, i) => el("tr", {},
-    el("td", {class: "name"}, el("i", {style: `display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:6px;background:${col(i)}`}), c),
+    el("td", {class: "name"}, el("i", {style: `display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:6px;background:${col(i)}`}), c, cotTag(S, c)),
     S.rewards.map(r => {
       const t = S.table[r][i], d = S.deltas[base][r][i];
       const sig = c === base ? "" : (d.lo > 0 ? "sig-up" : (d.hi < 0 ? "sig-down" : ""));
@@ -54,6 +56,14 @@ function rewardTable(S, box, base) {
     })));
   box.append(el("div", {class: "scroll"}, el("table", {class: "reward-table"}, el("thead", {}, head), el("tbody", {}, rows))),
     el("p", {class: "muted"}, "Green / red: the paired CI of the gain excludes 0. Rows are the same prompts and seeds for every checkpoint."));
+}
+function cotSummary(S) {  // each Self-CoT entry against the same weights sampled without it
+  if (!(S.cot_pairs || []).length) return null;
+  return el("div", {class: "cot-summary"}, S.cot_pairs.map(p => el("p", {},
+    el("b", {}, `Self-CoT: ${p.with} vs ${p.without}`), " (same weights, prompts and seeds; paired 95% CI): ",
+    S.rewards.map((r, k) => { const d = p.deltas[r];
+      return [k ? "; " : "", el("span", {class: "cot-delta " + (d.lo > 0 ? "sig-up" : (d.hi < 0 ? "sig-down" : "")), "data-reward": r, "data-value": String(d.delta)},
+        `${r} ${sgn(d.delta, 4)} [${sgn(d.lo, 4)}, ${sgn(d.hi, 4)}]`)]; }))));
 }
 function winMatrix(S, box, r) {
   box.innerHTML = "";
@@ -91,13 +101,14 @@ function imageGrid(S, box, state) {
   const change = row => Math.max(...row.scores[r].map(v => Math.abs((v ?? 0) - (row.scores[r][base] ?? 0))));
   let rows = S.grid.filter(row => row.prompt.toLowerCase().includes(state.filter.toLowerCase()));
   if (state.sort === "largest change") rows = rows.slice().sort((a, b) => change(b) - change(a));
-  const table = el("table", {class: "grid"}, el("tr", {}, el("th", {class: "name"}, "prompt"), S.checkpoints.map(c => el("th", {}, c))));
+  const table = el("table", {class: "grid"}, el("tr", {}, el("th", {class: "name"}, "prompt"), S.checkpoints.map(c => el("th", {}, c, cotTag(S, c)))));
   rows.forEach(row => table.append(el("tr", {class: "grid-row"}, el("td", {class: "prompt"}, row.prompt,
     el("div", {class: "muted"}, "max |Δ| " + fmt(change(row), 3))),
     S.checkpoints.map((c, i) => { const v = row.scores[r][i], d = v - row.scores[r][base];
       const cls = i === base ? "badge" : (d > 0 ? "badge up" : (d < 0 ? "badge down" : "badge"));
-      return el("td", {}, el("div", {class: "thumb"}, el("img", {src: row.images[i], alt: c, title: `${c}: ${r} = ${fmt(v, 4)}`}),
-        el("span", {class: cls}, fmt(v, 3)))); }))));
+      const text = (row.reasoning || [])[i];
+      return el("td", {}, el("div", {class: "cell"}, el("div", {class: "thumb"}, el("img", {src: row.images[i], alt: c, title: `${c}: ${r} = ${fmt(v, 4)}`}),
+        el("span", {class: cls}, fmt(v, 3))), text === null || text === undefined ? null : el("div", {class: "reasoning", title: "Self-CoT reasoning"}, text))); }))));
   box.append(el("div", {class: "muted"}, `${rows.length} of ${S.grid.length} prompts (first seed of each)`), el("div", {class: "scroll"}, table));
 }
 function corrTable(names, M, cls) {
@@ -131,7 +142,7 @@ function renderEval(S, k) {
     ["rewards", S.rewards.length]].map(([a, v]) => el("div", {class: "kpi"}, el("b", {}, v), el("span", {}, a))));
   const main = document.getElementById("main");
   main.append(card(id, "Checkpoints × rewards — " + S.name, kpis, S.complete ? null : el("p", {class: "warn"}, "Some checkpoints are not fully scored: common rows only."),
-    el("div", {class: "controls"}, selectBox("baseline", S.checkpoints, state.base, v => { state.base = v; redraw(); })), tbl));
+    el("div", {class: "controls"}, selectBox("baseline", S.checkpoints, state.base, v => { state.base = v; redraw(); })), tbl, cotSummary(S)));
   if (S.selection) {
     const sel = S.selection, cands = sel.candidates;
     main.append(card(id + "-sel", "Checkpoint selection (primary: " + sel.primary + ")",

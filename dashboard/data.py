@@ -19,6 +19,8 @@ from PIL import Image
 
 from core.formats import EVAL_MANIFEST, PREFS_DATA_DIR, PREFS_MANIFEST, SHARD_GLOB
 
+REASONING = "reasoning"  # rollout/eval_format.py's column; shards written before Self-CoT lack it
+
 
 @dataclass
 class EvalResults:
@@ -34,10 +36,23 @@ class EvalResults:
     scores: dict[str, np.ndarray]  # reward -> [C, N] float64
     thumbnails: list[list[bytes]]  # [C][N] PNG bytes
     complete: bool  # every checkpoint had every row (otherwise rows are the common ones)
+    reasoning: list[list[str | None]]  # [C][N] the text a Self-CoT entry wrote before the image (None: without)
+    self_cot: list[str]  # the checkpoints sampled with Self-CoT (eval.json; [] before Self-CoT existed)
 
 
 def is_eval_dir(path: Path) -> bool:
     return (path / EVAL_MANIFEST).is_file()
+
+
+def read_scores(files: list[Path]) -> pa.Table:
+    """One checkpoint's shards -> one table; a shard without the reasoning column gets it, all null."""
+    tables = []
+    for f in files:
+        t = pq.read_table(f)
+        if REASONING not in t.column_names:
+            t = t.append_column(REASONING, pa.nulls(t.num_rows, pa.string()))
+        tables.append(t)
+    return pa.concat_tables(tables)
 
 
 def read_eval(directory: str | Path, names: list[str] | None = None) -> EvalResults:
@@ -51,7 +66,7 @@ def read_eval(directory: str | Path, names: list[str] | None = None) -> EvalResu
         files = sorted((directory / manifest["scores_dir"] / name).glob(SHARD_GLOB))
         if not files:
             raise FileNotFoundError(f"{directory}: no scores for checkpoint {name!r}")
-        t = pa.concat_tables([pq.read_table(f) for f in files])
+        t = read_scores(files)
         tables[name] = {(p, int(s)): i for i, (p, s) in enumerate(zip(t["prompt_id"].to_pylist(),
                                                                       t["sample_index"].to_pylist()))}, t  # fmt: skip
     key_sets = [set(index) for index, _ in tables.values()]
@@ -61,7 +76,7 @@ def read_eval(directory: str | Path, names: list[str] | None = None) -> EvalResu
     rows0 = [first_index[k] for k in common]
     prompts = [first["prompt"][i].as_py() for i in rows0]
     scores = {r: np.zeros((len(names), len(common))) for r in rewards}
-    thumbs = []
+    thumbs, reasoning = [], []
     for c, name in enumerate(names):
         index, t = tables[name]
         rows = [index[k] for k in common]
@@ -70,10 +85,12 @@ def read_eval(directory: str | Path, names: list[str] | None = None) -> EvalResu
         for r in rewards:
             scores[r][c] = [s[r] for s in score_col]
         thumbs.append(taken["thumbnail"].to_pylist())
+        reasoning.append(taken[REASONING].to_pylist())
     return EvalResults(
         directory=directory, checkpoints=names, paths={n: manifest["checkpoints"].get(n, n) for n in names},
         rewards=rewards, prompt_ids=[k[0] for k in common], sample_index=np.array([k[1] for k in common]),
-        prompts=prompts, scores=scores, thumbnails=thumbs, complete=complete,
+        prompts=prompts, scores=scores, thumbnails=thumbs, complete=complete, reasoning=reasoning,
+        self_cot=[n for n in names if n in manifest.get("self_cot", [])],
     )  # fmt: skip
 
 

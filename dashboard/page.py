@@ -49,6 +49,13 @@ select, input[type=text] { padding:4px 8px; border:1px solid #d1d5db; border-rad
 .badge { position:absolute; left:4px; bottom:4px; background:rgba(17,24,39,.78); color:#fff; font-size:10px;
          padding:1px 5px; border-radius:8px; }
 .badge.up { background:rgba(22,163,74,.9); } .badge.down { background:rgba(220,38,38,.9); }
+.grid .cell { display:flex; gap:6px; align-items:flex-start; }
+.reasoning { max-width:220px; max-height:96px; overflow:auto; text-align:left; white-space:pre-wrap; font-size:11px;
+             background:#f9fafb; border:1px solid var(--line); border-radius:6px; padding:3px 6px; color:#374151; }
+.cot-tag { background:#fef3c7; color:#92400e; font-size:10px; font-weight:600; padding:1px 5px; border-radius:8px;
+           margin-left:6px; }
+.cot-summary p { margin:6px 0; } .cot-summary span.sig-up { background:#dcfce7; }
+.cot-summary span.sig-down { background:#fee2e2; }
 .charts { display:flex; flex-wrap:wrap; gap:14px; }
 .chart { border:1px solid var(--line); border-radius:8px; padding:6px 8px; background:#fff; }
 .chart .title { font-size:12px; font-weight:600; color:#374151; }

@@ -228,6 +228,34 @@ def test_prompt_that_opens_a_script_comment_renders(tmp_path):
         browser.quit()
 
 
+def test_reasoning_beside_each_thumbnail_is_shown_as_text(tmp_path):
+    """Self-CoT reasoning is model output: markup in it is shown literally; the Self-CoT entry is tagged and
+    its gain over the same weights without Self-CoT is summarised."""
+    from selenium.webdriver.common.by import By
+
+    texts = ["<!--<script>", "1 star </script> <b>not bold</b> & more"]
+    out = eval_dir(tmp_path / "eval", ["a star", "two stars"], reasoning=texts)
+    assert main(["dashboard", str(out), "--out", str(tmp_path / "d"), "--num-resamples", "20"]) == 0
+    browser = _chrome()
+    try:
+        browser.get((tmp_path / "d" / "index.html").as_uri())
+        for _ in range(100):
+            if browser.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1":
+                break
+            time.sleep(0.05)
+        assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+        shown = browser.find_elements(By.CSS_SELECTOR, "#eval0-grid tr.grid-row div.reasoning")
+        assert [e.text for e in shown] == texts  # one per row: b's (a was sampled without Self-CoT)
+        assert browser.find_elements(By.CSS_SELECTOR, "#eval0-grid div.reasoning b") == []
+        tags = browser.find_elements(By.CSS_SELECTOR, "table.reward-table td.name .cot-tag")
+        assert [t.find_element(By.XPATH, "..").text for t in tags] == ["bSelf-CoT"]  # name, then the tag
+        deltas = browser.find_elements(By.CSS_SELECTOR, ".cot-summary span.cot-delta")
+        assert [(d.get_attribute("data-reward"), float(d.get_attribute("data-value"))) for d in deltas] == [
+            ("jpeg", 1.0), ("composite", 1.0)]  # b = a + 1 on every row  # fmt: skip
+    finally:
+        browser.quit()
+
+
 def test_dashboard_imports_no_training_code():
     import subprocess
     import sys

@@ -108,7 +108,8 @@ class Trainer:
 
     def open_run(self) -> None:
         if self.lead:
-            self.run_dir = prepare_run_dir(self.config.runs_root, self.config.run_name, to_dict(self.config))
+            self.run_dir = prepare_run_dir(self.config.runs_root, self.config.run_name, to_dict(self.config),
+                                           defaults=to_dict(type(self.config)()))  # fmt: skip
             if (text := self.describe()) is not None:
                 print(text)
         resume_from = latest_checkpoint(self.run_dir)

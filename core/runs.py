@@ -57,19 +57,37 @@ def without_keys(config: dict, paths: tuple[str, ...]) -> dict:
     return out
 
 
+def with_defaults(config: dict, defaults: dict) -> dict:
+    """`config` with every key it lacks taken from `defaults`, at any depth (its own values win)."""
+    out = dict(config)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = with_defaults(out[key], value)
+    return out
+
+
 def prepare_run_dir(
-    root: str | Path, name: str, resolved_config: dict, extendable: tuple[str, ...] = EXTENDABLE
+    root: str | Path,
+    name: str,
+    resolved_config: dict,
+    extendable: tuple[str, ...] = EXTENDABLE,
+    defaults: dict | None = None,
 ) -> Path:
     """Create runs/<name>, or reopen it for a resume. A resume must use the same config, except for the
     `extendable` keys (dotted for nested ones: a run may be continued for more steps); config.yaml is then
-    updated. Jobs call it under `lock_dir` of that directory: it also deletes what killed writes left there."""
+    updated. A key the stored config lacks (written before that key existed) counts as its value in
+    `defaults` (the config class's defaults: what the run then did), so an upgrade does not block a resume.
+    Jobs call it under `lock_dir` of that directory: it also deletes what killed writes left there."""
     run = Path(root) / name
     for d in (run, *sorted(run.glob("step_*"))):
         remove_partial_writes(d)
     config_path = run / "config.yaml"
     text = yaml.safe_dump(resolved_config, sort_keys=True)
     if config_path.is_file():
-        old = without_keys(yaml.safe_load(config_path.read_text()) or {}, extendable)
+        stored = with_defaults(yaml.safe_load(config_path.read_text()) or {}, defaults or {})
+        old = without_keys(stored, extendable)
         new = without_keys(yaml.safe_load(text), extendable)
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed:

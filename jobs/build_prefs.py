@@ -107,9 +107,11 @@ def prepare_out_dir(config: BuildPrefsConfig) -> Path:
     """Create the output directory, or reopen it for a resume (same config, except where to run)."""
     out = Path(config.out_dir)
     resolved = to_dict(config)
-    resolved["rollout"].pop("pool")  # workers and devices may change between attempts; outputs do not
-    resolved["rewards"].pop("pool")
-    run = prepare_run_dir(out.parent, out.name, resolved)
+    defaults = to_dict(BuildPrefsConfig())
+    for d in (resolved, defaults):  # workers and devices may change between attempts; outputs do not
+        d["rollout"].pop("pool")
+        d["rewards"].pop("pool")
+    run = prepare_run_dir(out.parent, out.name, resolved, defaults=defaults)
     (run / DATA_DIR).mkdir(exist_ok=True)
     remove_partial_writes(run / DATA_DIR)  # shards being written when the last attempt died
     return run

@@ -19,7 +19,7 @@ SCHEMAS = {  # configs/<dir>/*.yaml -> "module:Schema"
     "shapes": "jobs.sft:SftConfig",
     "shapes_world": "jobs.shapes_world:WorldConfig",
 }
-PIPELINES = {"quickstart", "e2e"}  # configs/<dir>/pipeline.yaml + the stage configs it names
+PIPELINES = {"quickstart", "e2e", "e2e_cot"}  # configs/<dir>/pipeline.yaml + the stage configs it names
 ALL = sorted(CONFIGS.rglob("*.yaml"))
 
 

@@ -84,3 +84,17 @@ def test_metrics_are_named_area_slash_name(tmp_path) -> None:
     logger.close()
     rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1] and rows[0]["train/loss"] == 0.5
+
+
+def test_a_resume_after_an_upgrade_reads_missing_keys_as_their_defaults(tmp_path):
+    from core.runs import prepare_run_dir
+
+    old_era = {"steps": 10, "sampling": {"image_size": 64}}  # written before sampling.self_cot existed
+    prepare_run_dir(tmp_path, "run", old_era)
+    defaults = {"steps": 1, "sampling": {"image_size": 512, "self_cot": False}}
+    now = {"steps": 10, "sampling": {"image_size": 64, "self_cot": False}}
+    assert prepare_run_dir(tmp_path, "run", now, defaults=defaults) == tmp_path / "run"  # the default: same run
+    prepare_run_dir(tmp_path / "b", "run", old_era)
+    changed = {"steps": 10, "sampling": {"image_size": 64, "self_cot": True}}
+    with pytest.raises(UserError, match="differs in sampling"):
+        prepare_run_dir(tmp_path / "b", "run", changed, defaults=defaults)

@@ -8,6 +8,8 @@
     image (.png/.jpg/.jpeg/.webp) and a caption (.txt, or .json with a `caption_field` / `prompt`
     field; .txt wins when both are there). Other files are ignored. Read with the standard
     library `tarfile`; samples keep shard order, then member order, so the data order is fixed.
+`reasoning_field` (optional) names a string column (Parquet) or a .json field (WebDataset) holding each
+sample's reasoning text, which Self-CoT SFT trains between the caption and the image (`SftConfig.cot_fraction`).
 Every problem ends with one `UserError` naming the file (and the row or sample key).
 """
 
@@ -44,6 +46,7 @@ class SftDataConfig:
     caption_field: str = "caption"  # Parquet column; WebDataset: the .json field (else `prompt`)
     image_field: str = "image"  # Parquet column (WebDataset: the .png/.jpg/.jpeg/.webp file)
     image_size: int = 64  # pixels per side; multiple of 16
+    reasoning_field: str | None = None  # Parquet column / WebDataset .json field of each sample's reasoning text
 
 
 @dataclass
@@ -55,6 +58,7 @@ class SftSamples:
     raw: list[bytes]  # [N] image file bytes
     where: list[str]  # [N] file and row / sample key, named in errors
     image_size: int
+    reasonings: list[str] | None = None  # [N] reasoning texts (data.reasoning_field), None without one
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -68,15 +72,19 @@ def load_samples(config: SftDataConfig) -> SftSamples:
     """Captions and image bytes of every pair; each caption is checked and each image's header read (format
     and size, no pixels decoded) so bad input stops here, before any run directory exists."""
     records = read_tar_records(config) if is_webdataset(config.path) else read_parquet_records(config)
-    captions, raw, where_of = [], [], []
-    for where, caption, data in records:
+    captions, raw, where_of, reasonings = [], [], [], []
+    for where, caption, data, reasoning in records:
         if not isinstance(caption, str) or not caption.strip():
             raise UserError(f"{where}: empty caption")
+        if config.reasoning_field is not None and (not isinstance(reasoning, str) or not reasoning.strip()):
+            raise UserError(f"{where}: empty reasoning ('{config.reasoning_field}')")
         read_image(data, where, header_only=True)
         captions.append(caption)
         raw.append(data)
         where_of.append(where)
-    return SftSamples(captions, raw, where_of, config.image_size)
+        reasonings.append(reasoning)
+    return SftSamples(captions, raw, where_of, config.image_size,
+                      reasonings if config.reasoning_field is not None else None)  # fmt: skip
 
 
 def load_pairs(config: SftDataConfig) -> tuple[list[str], torch.Tensor]:
@@ -114,21 +122,26 @@ def is_webdataset(path: str) -> bool:
     return "{" in path or path.endswith(".tar") or Path(path).is_dir()
 
 
-def read_parquet_records(config: SftDataConfig) -> list[tuple[str, object, object]]:
-    """(where, caption, image bytes) per row of a Parquet file."""
+def read_parquet_records(config: SftDataConfig) -> list[tuple[str, object, object, object]]:
+    """(where, caption, image bytes, reasoning or None) per row of a Parquet file."""
     path = Path(config.path)
     if not path.is_file():
         raise UserError(f"SFT data not found: {path}")
-    table = read_columns(path, {config.caption_field: "string", config.image_field: "binary"}, "SFT data")
+    columns = {config.caption_field: "string", config.image_field: "binary"}
+    if config.reasoning_field is not None:
+        columns[config.reasoning_field] = "string"
+    table = read_columns(path, columns, "SFT data")
     captions = table.column(config.caption_field).to_pylist()
     if not captions:
         raise UserError(f"{path}: no rows")
     images = table.column(config.image_field).to_pylist()
-    return [(f"{path}: row {i}", c, raw) for i, (c, raw) in enumerate(zip(captions, images))]
+    reasonings = (table.column(config.reasoning_field).to_pylist() if config.reasoning_field is not None
+                  else [None] * len(captions))  # fmt: skip
+    return [(f"{path}: row {i}", *row) for i, row in enumerate(zip(captions, images, reasonings))]
 
 
-def read_tar_records(config: SftDataConfig) -> list[tuple[str, object, bytes]]:
-    """(where, caption, image bytes) per sample of every shard, in shard then member order."""
+def read_tar_records(config: SftDataConfig) -> list[tuple[str, object, bytes, object]]:
+    """(where, caption, image bytes, reasoning or None) per sample of every shard, in shard then member order."""
     records = []
     for shard in shard_paths(config.path):
         samples: dict[str, dict[str, bytes]] = {}  # key -> {ext: bytes}, in order of first appearance
@@ -151,26 +164,34 @@ def read_tar_records(config: SftDataConfig) -> list[tuple[str, object, bytes]]:
         if not samples:
             raise UserError(f"{shard}: empty shard (no samples)")
         for key, files in samples.items():
-            records.append((f"{shard}: sample {key!r}", *_sample_pair(shard, key, files, config.caption_field)))
+            records.append((f"{shard}: sample {key!r}", *_sample_pair(shard, key, files, config)))
     return records
 
 
-def _sample_pair(shard: Path, key: str, files: dict[str, bytes], caption_field: str) -> tuple[object, bytes]:
+def _sample_pair(shard: Path, key: str, files: dict[str, bytes], config: SftDataConfig) -> tuple[object, bytes, object]:
+    """(caption, image bytes, reasoning or None) of one sample's files."""
     images = [e for e in IMAGE_EXTS if e in files]
     if len(images) != 1:
         found = ", ".join(sorted(files))
         raise UserError(f"{shard}: sample {key!r} needs exactly one image (.png/.jpg/.jpeg/.webp), has: {found}")
+    if "txt" not in files and "json" not in files:
+        raise UserError(f"{shard}: sample {key!r} has an image but no caption (.txt or .json)")
+    # the .json is read only when needed: a .txt caption and no reasoning field leave it unread
+    meta = _json_meta(shard, key, files["json"]) if "json" in files and ("txt" not in files or
+                                                                         config.reasoning_field) else None  # fmt: skip
     if "txt" in files:
         caption = files["txt"].decode("utf-8", errors="replace").strip()
-    elif "json" in files:
-        try:
-            meta = json.loads(files["json"])
-        except ValueError:
-            raise UserError(f"{shard}: sample {key!r}: .json is not valid JSON") from None
-        caption = meta.get(caption_field, meta.get("prompt")) if isinstance(meta, dict) else None
     else:
-        raise UserError(f"{shard}: sample {key!r} has an image but no caption (.txt or .json)")
-    return caption, files[images[0]]
+        caption = meta.get(config.caption_field, meta.get("prompt")) if isinstance(meta, dict) else None
+    reasoning = meta.get(config.reasoning_field) if config.reasoning_field and isinstance(meta, dict) else None
+    return caption, files[images[0]], reasoning
+
+
+def _json_meta(shard: Path, key: str, raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise UserError(f"{shard}: sample {key!r}: .json is not valid JSON") from None
 
 
 def shard_paths(spec: str) -> list[Path]:

@@ -1,10 +1,11 @@
 """`nsalign sft CONFIG [key=value ...]`: supervised fine-tuning on (caption, image) pairs.
 
-Loss = 0.01 CE(text) + 1.0 FM(image) (NextStep-1). Data (alignment/sft_data.py): a Parquet file with a
-caption column and an image column (PNG/JPEG bytes), or WebDataset tar shards (a .tar, a directory of
-them, or a brace pattern). Images stay compressed in memory until a micro batch needs them: then they are
-decoded, centre-cropped, resized and encoded by the frozen VAE on the learner's device (nothing is encoded
-up front, so start-up does not grow with the dataset beyond reading its bytes).
+Loss = 0.01 CE(text) + 1.0 FM(image) (NextStep-1; `lm_loss_weight` overrides the 0.01). Data
+(alignment/sft_data.py): a Parquet file with a caption column and an image column (PNG/JPEG bytes), or
+WebDataset tar shards (a .tar, a directory of them, or a brace pattern). Images stay compressed in memory
+until a micro batch needs them: then they are decoded, centre-cropped, resized and encoded by the frozen
+VAE on the learner's device (nothing is encoded up front, so start-up does not grow with the dataset beyond
+reading its bytes).
 
 Data parallel (torchrun / deepspeed launcher): a step trains on `micro_batch_samples x
 micro_batches_per_step` samples of the seeded stream whatever the number of ranks; rank r takes the r-th
@@ -14,6 +15,16 @@ gradients one process would (averaged by DeepSpeed; metrics averaged over the ra
 metrics, the published model and `latest`; every rank its DeepSpeed state.
 Checkpoints every `checkpoint_every` steps in the published layout + DeepSpeed state + trainer
 state; the same command after a kill resumes from `latest` (same data order, same RNG).
+
+Self-CoT SFT: with `data.reasoning_field` (each sample's reasoning text) and `cot_fraction` > 0, that share
+of samples (drawn per stream position, like caption dropout, so a resume and N ranks agree) trains the
+Self-CoT layout of base_model/text.py: the caption wrapped in `cot.template`, the reasoning (tokenized on
+its own, add_special_tokens=False), <|image_area|> "h*w" <|boi|>, the image. The text CE then covers the
+reasoning and its stop (the <|image_area|> after it), so a sampler with the same `cot.template` makes the
+model write its reasoning, then draw. The other samples (and every caption-dropout one) keep the plain
+layout; a micro batch with both runs one teacher-forced pass per layout, each pass's loss weighted by its
+share of the micro batch's samples. With cot_fraction 0 (or no reasoning field) training is exactly the
+plain SFT.
 """
 
 from __future__ import annotations
@@ -34,13 +45,17 @@ from base_model.checkpoint import read_state_dict, save_published
 from base_model.model import NextStepModel
 from base_model.sequence import (
     DEFAULT_MAX_PROMPT_TOKENS,
+    PromptBatch,
     build_prompt_batch,
+    build_self_cot_batch,
     check_sequence_fits,
     model_max_positions,
     truncation_note,
 )
-from base_model.teacher_forcing import sft_loss
-from core.errors import ConfigError
+from base_model.teacher_forcing import flow_matching_loss, teacher_forced
+from base_model.text import CotConfig
+from base_model.tokenizer import SpecialIds
+from core.errors import ConfigError, UserError
 from core.rng import sample_order
 from core.schema import load_config
 
@@ -60,6 +75,12 @@ class SftConfig:
     ema_decay: float | None = None  # e.g. 0.999: keep an EMA of the weights, saved as step_N/ema (a `select` candidate)
     caption_dropout: float = 0.0  # share of samples trained with the empty caption (the CFG branch), e.g. 0.1
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS  # longer captions keep their first N tokens (counted once)
+    # Self-CoT SFT (module docstring): share of samples trained as template(caption) + reasoning + image; needs
+    # data.reasoning_field. The sampler must use the same cot.template; reasonings longer than
+    # cot.max_text_tokens are refused
+    cot_fraction: float = 0.0
+    cot: CotConfig = field(default_factory=CotConfig)
+    lm_loss_weight: float | None = None  # weight of the text CE (None: the model config's, 0.01 as published)
     seed: int = 0
     tensorboard: bool = False
     wandb: bool = False
@@ -70,17 +91,33 @@ class SftConfig:
         if self.data.image_size <= 0 or self.data.image_size % 16:
             raise ConfigError(f"{where}.data.image_size: {self.data.image_size} is not a positive multiple of 16")
         check_sequence_fits(self.max_prompt_tokens, (self.data.image_size,) * 2, model_max_positions(self.model),
-                            f"{where}.max_prompt_tokens")  # fmt: skip
+                            f"{where}.max_prompt_tokens", text_tokens=self.cot_text_tokens)  # fmt: skip
         for name in ("steps", "micro_batch_samples", "micro_batches_per_step", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"{where}.caption_dropout: must be in [0, 1), got {self.caption_dropout}")
+        if not 0.0 <= self.cot_fraction <= 1.0:
+            raise ConfigError(f"{where}.cot_fraction: must be in [0, 1], got {self.cot_fraction}")
+        if self.cot_fraction > 0 and self.data.reasoning_field is None:
+            raise ConfigError(f"{where}.cot_fraction: {self.cot_fraction} needs data.reasoning_field (the column "
+                              "of each sample's reasoning text)")  # fmt: skip
+        self.cot.validate(f"{where}.cot")
+        if self.lm_loss_weight is not None and not self.lm_loss_weight >= 0.0:
+            raise ConfigError(f"{where}.lm_loss_weight: must be >= 0, got {self.lm_loss_weight}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"{where}.ema_decay: must be in (0, 1), got {self.ema_decay}")
         check_divisible(f"{where}.micro_batches_per_step", self.samples_per_step, self.micro_batch_samples,
                         world_size(), "samples")  # fmt: skip
         self.learner.validate(f"{where}.learner")
+
+    @property
+    def cot_text_tokens(self) -> int:
+        """Positions a Self-CoT row needs beyond a plain one: template + reasoning (0 without Self-CoT)."""
+        if self.cot_fraction <= 0:
+            return 0
+        before, after = self.cot.template_parts
+        return len(before.encode()) + len(after.encode()) + 1 + self.cot.max_text_tokens  # +1: a BOS
 
     @property
     def samples_per_step(self) -> int:
@@ -96,6 +133,45 @@ def dropped_captions(seed: int, position: int, count: int, rate: float) -> list[
     draws = [torch.rand(1, generator=torch.Generator().manual_seed(seed * 1_000_003 + 7_919 + p)) for p in
              range(position, position + count)]  # fmt: skip
     return [bool(d < rate) for d in draws]
+
+
+def cot_samples(seed: int, position: int, count: int, fraction: float) -> list[bool]:
+    """Whether samples `position .. position+count` of the stream are drawn for the Self-CoT layout; like
+    `dropped_captions`, each draw depends only on the stream position (its own salt)."""
+    if fraction <= 0:
+        return [False] * count
+    draws = [torch.rand(1, generator=torch.Generator().manual_seed(seed * 1_000_003 + 15_485_863 + p)) for p in
+             range(position, position + count)]  # fmt: skip
+    return [bool(d < fraction) for d in draws]
+
+
+def reasoning_ids(tokenizer, reasonings: list[str], max_text_tokens: int, where: list[str]) -> list[list[int]]:
+    """Token ids of each reasoning (add_special_tokens=False); UserError naming the row of one longer than
+    `max_text_tokens` (the sampler could never write it)."""
+    rows = [list(r) for r in tokenizer(reasonings, add_special_tokens=False)["input_ids"]] if reasonings else []
+    for row, place in zip(rows, where):
+        if len(row) > max_text_tokens:
+            raise UserError(f"{place}: reasoning of {len(row)} tokens is longer than cot.max_text_tokens="
+                            f"{max_text_tokens}")  # fmt: skip
+    return rows
+
+
+def sft_batch(
+    tokenizer,
+    ids: SpecialIds,
+    captions: list[str],
+    texts: list[list[int]] | None,
+    image_hw: tuple[int, int],
+    cot: CotConfig,
+    max_prompt_tokens: int,
+) -> PromptBatch:
+    """SFT rows before the image block. texts None: the plain layout, caption ("" for a dropped one: the
+    unconditional caption of CFG) + <|image_area|> "h*w" <|boi|>; texts [B] token ids: the Self-CoT layout,
+    template(caption) + reasoning + <|image_area|> "h*w" <|boi|>, with row-local positions."""
+    if texts is None:
+        return build_prompt_batch(tokenizer, ids, captions, image_hw, False, max_prompt_tokens=max_prompt_tokens)
+    return build_self_cot_batch(tokenizer, ids, captions, image_hw, False, cot, texts=texts,
+                                max_prompt_tokens=max_prompt_tokens)  # fmt: skip
 
 
 def ema_update(ema: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], decay: float) -> None:
@@ -120,6 +196,7 @@ class SftTrainer(Trainer):
         self.config: SftConfig = config
         self.me, self.world = rank(), world_size()
         self.ema: dict[str, torch.Tensor] | None = None  # fp32 on rank 0's CPU when config.ema_decay is set
+        self.reasoning_tally = [0.0, 0]  # Self-CoT: the step's reasoning NLL sum and its count
 
     def setup(self) -> None:
         config = self.config
@@ -127,6 +204,10 @@ class SftTrainer(Trainer):
         self.captions = self.samples.captions
         torch.manual_seed(config.seed)
         source = open_model(config.model, seed=config.seed)
+        self.reasonings = None  # [N] token ids of each sample's reasoning (Self-CoT SFT only)
+        if config.cot_fraction > 0:
+            self.reasonings = reasoning_ids(source.tokenizer, self.samples.reasonings, config.cot.max_text_tokens,
+                                            self.samples.where)  # fmt: skip
         if self.lead and (note := truncation_note("sft", "max_prompt_tokens", source.tokenizer, self.captions,
                                                   config.max_prompt_tokens)):  # fmt: skip
             print(note)
@@ -155,14 +236,21 @@ class SftTrainer(Trainer):
         config, state = self.config, self.state
         order = sample_order(len(self.captions), config.seed, state.consumed_prompts, config.samples_per_step)
         drops = dropped_captions(config.seed, state.consumed_prompts, config.samples_per_step, config.caption_dropout)
+        cots = cot_samples(config.seed, state.consumed_prompts, config.samples_per_step, config.cot_fraction)
         positions = range(state.consumed_prompts, state.consumed_prompts + config.samples_per_step)
-        stream = list(zip(order, drops, positions))  # (sample index, caption dropped, stream position)
+        # (sample index, caption dropped, stream position, Self-CoT layout); a dropped caption is never CoT
+        stream = [(i, d, p, c and not d) for i, d, p, c in zip(order, drops, positions, cots)]
         items = [stream[i] for i in rank_share(len(stream), self.me, self.world)]  # this rank's contiguous share
         micro = [items[i : i + config.micro_batch_samples] for i in range(0, len(items), config.micro_batch_samples)]
+        self.reasoning_tally = [0.0, 0]  # this step's reasoning NLL sum and count (tokens + stop events)
         result = self.learner.step(micro, self.loss_fn)
         state.consumed_prompts += config.samples_per_step  # a skipped attempt passes its samples over
         if not result.updated:
             return None
+        if config.cot_fraction > 0:  # every rank (a collective): NLL per reasoning token over the whole step
+            total, count = self.reasoning_tally
+            sums = self.learner.mean_over_ranks({"nll": total, "count": float(count)})
+            result.metrics["sft/reasoning_nll"] = sums["nll"] / sums["count"] if sums["count"] else float("nan")
         if config.ema_decay is not None:
             weights = self.learner.policy_weights(rank0_only=True)  # every rank: collective under ZeRO-3
             if self.ema is not None:
@@ -177,17 +265,59 @@ class SftTrainer(Trainer):
             return vae.encode(images.to(next(vae.parameters()).dtype) / 127.5 - 1).float()
 
     def loss_fn(
-        self, model: NextStepModel, items: list[tuple[int, bool, int]]
+        self, model: NextStepModel, items: list[tuple[int, bool, int, bool]]
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """items: (sample index, caption dropped, stream position) of one micro batch."""
-        idx = [i for i, _, _ in items]
-        texts = ["" if drop else self.captions[i] for i, drop, _ in items]  # "": the unconditional caption of CFG
-        size = (self.config.data.image_size,) * 2
-        batch = build_prompt_batch(self.bundle.tokenizer, self.bundle.ids, texts, size, False,
-                                   max_prompt_tokens=self.config.max_prompt_tokens)  # fmt: skip
+        """items: (sample index, caption dropped, stream position, Self-CoT layout) of one micro batch. One
+        teacher-forced pass per layout (plain first), weighted by its share of the samples. With cot_fraction > 0
+        both passes always run, a layout absent from the micro batch on a stand-in sample with weight 0: ZeRO-3
+        gathers parameters module call by module call, so every rank must make the same calls."""
         generator = noise_generator(self.config.seed, items[0][2])
-        out = sft_loss(model, batch, self.bundle.ids, self.encode(idx), generator=generator)
-        return out.loss, {"sft/text_ce": float(out.text_ce), "sft/flow_matching": float(out.flow_matching)}
+        groups = [(False, [it for it in items if not it[3]]), (True, [it for it in items if it[3]])]
+        loss, metrics = None, {"sft/text_ce": 0.0, "sft/flow_matching": 0.0}
+        for cot, group in groups:
+            if not group and self.config.cot_fraction <= 0:
+                continue
+            share = len(group) / len(items)
+            part, text_ce, fm = self.layout_loss(model, group or [(*items[0][:3], cot)], cot, generator, share > 0)
+            if share < 1.0:
+                part = share * part
+            loss = part if loss is None else loss + part
+            metrics["sft/text_ce"] += share * text_ce
+            metrics["sft/flow_matching"] += share * fm
+        if self.config.cot_fraction > 0:
+            metrics["sft/cot_share"] = len(groups[1][1]) / len(items)
+        return loss, metrics
+
+    def layout_loss(
+        self,
+        model: NextStepModel,
+        items: list[tuple[int, bool, int, bool]],
+        cot: bool,
+        generator: torch.Generator,
+        tally: bool = True,
+    ) -> tuple[torch.Tensor, float, float]:
+        """NextStep-1's SFT loss (lm_loss_weight CE(text) + im_loss_weight FM(image)) of samples all in one
+        layout -> (loss, text CE, FM); CoT rows add their reasoning's NLL (tokens and stop events) to the
+        step's `reasoning_tally` (unless `tally` is False: a stand-in)."""
+        idx = [i for i, _, _, _ in items]
+        batch = self.prompt_batch(items, cot)
+        tokens = self.encode(idx)
+        stopped = torch.ones(len(items), dtype=torch.bool) if cot else None
+        out = teacher_forced(model, batch, self.bundle.ids, tokens, compute_text_ce=True, text_stopped=stopped)
+        fm = flow_matching_loss(model, out.image_cond, tokens, model.config.fm_head_batch_mul, generator)
+        weight = model.config.lm_loss_weight if self.config.lm_loss_weight is None else self.config.lm_loss_weight
+        loss = weight * out.text_ce + model.config.im_loss_weight * fm
+        if cot and tally:
+            self.reasoning_tally[0] += float(-out.text_log_probs.detach().sum())
+            self.reasoning_tally[1] += int(batch.text_lengths.sum()) + len(items)  # every token, each stop event
+        return loss, float(out.text_ce.detach()), float(fm.detach())
+
+    def prompt_batch(self, items: list[tuple[int, bool, int, bool]], cot: bool) -> PromptBatch:
+        """The rows of `sft_batch` for samples all in one layout."""
+        captions = ["" if drop else self.captions[i] for i, drop, _, _ in items]
+        texts = [self.reasonings[i] for i, _, _, _ in items] if cot else None
+        return sft_batch(self.bundle.tokenizer, self.bundle.ids, captions, texts, (self.config.data.image_size,) * 2,
+                         self.config.cot, self.config.max_prompt_tokens)  # fmt: skip
 
     def save_extra(self, step_dir: Path) -> None:
         if self.ema is not None:

@@ -3,13 +3,16 @@
     python -m jobs.shapes_world configs/shapes_world/world.yaml --out runs/shapes_world [key=value ...]
     nsalign shapes-world configs/shapes_world/world.yaml --out runs/shapes_world
 
-OUT/data/      pretrain.parquet (noisy captions), sft.parquet (clean), heldout.parquet (clean, eval-pool
-               captions: drift guards only), prefs.jsonl, eval.jsonl,
+OUT/data/      pretrain.parquet (noisy captions), sft.parquet (clean), cot.parquet (clean, + each image's
+               plan: Self-CoT SFT), heldout.parquet (clean, eval-pool captions: drift guards only), prefs.jsonl,
+               eval.jsonl,
                metadata.jsonl (GenEval records of every caption of the world: the rule reward's table)
 OUT/vae/       the VAE in the published layout (checkpoint.pt + config.json)
 OUT/init/      random NextStep of `model` sizes + that VAE (the SFT job's `model:`)
 OUT/runs/pretrain/   the `nsalign sft` run of `pretrain_config` (configs/shapes/pretrain.yaml)
 OUT/pretrained/      its last checkpoint, copied (published layout)
+OUT/runs/cot/        the `nsalign sft` run of `cot_config` (configs/shapes/cot.yaml): Self-CoT SFT of OUT/pretrained
+OUT/pretrained_cot/  its last checkpoint, copied (skipped with --skip-cot or an empty cot_config)
 OUT/rewards.yaml     a RewardsConfig: the rule reward (`type: geneval`, shapes detector)
 OUT/eval_pretrained.json, OUT/samples_pretrained.png: held-out strict/partial scores and a sample grid
 OUT/build.json       wall and CPU seconds of every stage
@@ -53,14 +56,26 @@ def init_model(config: WorldConfig, vae_dir: Path, out: Path) -> Path:
 def pretrain(config: WorldConfig, init_dir: Path, data: Path, out: Path) -> Path:
     """`nsalign sft` on the noisy pre-training split, in a process of its own (as a pipeline stage runs);
     returns the last checkpoint's model directory."""
-    overrides = [f"model={init_dir}", f"data.path={data}", f"runs_root={out}", *config.pretrain_overrides]
-    raw = yaml.safe_load(Path(config.pretrain_config).read_text()) or {}
+    return sft_stage("pre-training", config.pretrain_config, [f"model={init_dir}", f"data.path={data}",
+                     f"runs_root={out}", *config.pretrain_overrides])  # fmt: skip
+
+
+def cot_sft(config: WorldConfig, pretrained: Path, data: Path, out: Path) -> Path:
+    """`nsalign sft` of `cot_config` from the pre-trained model on the plans split (Self-CoT SFT); returns
+    the last checkpoint's model directory."""
+    return sft_stage("Self-CoT SFT", config.cot_config, [f"model={pretrained}", f"data.path={data}",
+                     f"runs_root={out}", *config.cot_overrides])  # fmt: skip
+
+
+def sft_stage(what: str, config_path: str, overrides: list[str]) -> Path:
+    """`nsalign sft CONFIG overrides` in a process of its own -> the last checkpoint's model directory."""
+    raw = yaml.safe_load(Path(config_path).read_text()) or {}
     for item in overrides:
         apply_override(raw, item)
-    argv = [sys.executable, "-m", "jobs.cli", "sft", config.pretrain_config, *overrides]
+    argv = [sys.executable, "-m", "jobs.cli", "sft", config_path, *overrides]
     if subprocess.call(argv) != 0:
-        raise UserError(f"shapes-world: the pre-training run ({' '.join(argv[2:])}) failed; its error is above")
-    return latest_checkpoint(out / raw.get("run_name", "sft")) / "model"
+        raise UserError(f"shapes-world: the {what} run ({' '.join(argv[2:])}) failed; its error is above")
+    return latest_checkpoint(Path(raw.get("runs_root", "runs")) / raw.get("run_name", "sft")) / "model"
 
 
 def evaluate(config: WorldEvalConfig, model_dir: Path, prompts_file: Path, metadata: Path, out: Path) -> dict:
@@ -108,7 +123,9 @@ class Stopwatch:
         return result
 
 
-def build_world(config: WorldConfig, out: str | Path, skip_eval: bool = False, data_only: bool = False) -> dict:
+def build_world(
+    config: WorldConfig, out: str | Path, skip_eval: bool = False, data_only: bool = False, skip_cot: bool = False
+) -> dict:
     """Every stage in order (or only the data files); returns the build summary (also OUT/build.json)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,6 +140,9 @@ def build_world(config: WorldConfig, out: str | Path, skip_eval: bool = False, d
     init_dir = clock.run("init", init_model, config, out / "vae", out / "init")
     last = clock.run("pretrain", pretrain, config, init_dir, files["pretrain"], out / "runs")
     shutil.copytree(last, out / "pretrained", dirs_exist_ok=True)
+    if config.cot_config and not skip_cot:
+        last = clock.run("cot", cot_sft, config, out / "pretrained", files["cot"], out / "runs")
+        shutil.copytree(last, out / "pretrained_cot", dirs_exist_ok=True)
     summary = {"stages": clock.stages, "vae_recon_first_last": [losses[0], losses[-1]]}
     if not skip_eval:
         result = clock.run("eval", evaluate, config.eval, out / "pretrained", files["eval"], files["metadata"],
@@ -139,11 +159,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/shapes_world", help="output directory (default runs/shapes_world)")
     p.add_argument("--skip-eval", action="store_true", help="do not sample and score the pre-trained model")
     p.add_argument("--data-only", action="store_true", help="write the data files and rewards.yaml only (seconds)")
+    p.add_argument("--skip-cot", action="store_true", help="do not run the Self-CoT SFT stage (OUT/pretrained_cot)")
 
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(WorldConfig, args.config, args.overrides)
-    summary = build_world(config, args.out, skip_eval=args.skip_eval, data_only=args.data_only)
+    summary = build_world(config, args.out, skip_eval=args.skip_eval, data_only=args.data_only,
+                          skip_cot=args.skip_cot)  # fmt: skip
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -6,6 +6,10 @@ GenEval's position tag plus colours). Every spec has a caption and a GenEval met
 rule reward (`rewards.geneval` + `rewards.shapes_detect`) checks images against it. Layouts are drawn so the
 relation holds by GenEval's own rule with a margin, and objects never touch: generator and detector
 agree exactly on every rendered scene (tests/shapes).
+
+`plan(scene)` is the short text a Self-CoT sample writes before its image ("2 shapes: red circle left,
+blue square right"): the count, then each drawn object's colour, shape and 3x3 cell; `parse_plan` reads
+it back and `plan_agrees` checks it against a caption's spec.
 """
 
 from __future__ import annotations
@@ -180,6 +184,72 @@ def _related(rng: np.random.Generator, sizes: list[float], relation: str, geo: G
     if relation in ("left of", "right of"):
         return [(a, across + j0), (b, across + j1)]
     return [(across + j0, a), (across + j1, b)]
+
+
+# ---------------------------------------------------------------- plans (the Self-CoT text channel)
+
+ROWS: tuple[str, ...] = ("top", "middle", "bottom")
+COLUMNS: tuple[str, ...] = ("left", "centre", "right")
+COUNT_WORDS = {1: "1 shape", 2: "2 shapes"}
+
+
+def cell(cx: float, cy: float, image_size: int = 64) -> tuple[int, int]:
+    """(row, column) in 0..2 of the 3x3 cell holding a point (thirds of the image, y down)."""
+    third = image_size / 3
+    return min(int(cy // third), 2), min(int(cx // third), 2)
+
+
+def cell_words(row: int, col: int) -> str:
+    """'top left', 'top', 'left', 'centre', ... : the middle row and centre column go unsaid."""
+    if (row, col) == (1, 1):
+        return "centre"
+    return " ".join(w for w, skip in ((ROWS[row], row == 1), (COLUMNS[col], col == 1)) if not skip)
+
+
+CELLS: dict[str, tuple[int, int]] = {cell_words(r, c): (r, c) for r in range(3) for c in range(3)}
+
+
+def plan(scene: Scene, image_size: int = 64) -> str:
+    """'2 shapes: red circle left, blue square right': the count, then each drawn object's colour, shape
+    and cell. Objects keep the caption's order; two equal objects (counting) go in reading order."""
+    objects = list(scene.objects)
+    if scene.spec.kind == "counting":
+        objects.sort(key=lambda o: (cell(o.cx, o.cy, image_size), o.cx, o.cy))
+    parts = [f"{o.color} {o.shape} {cell_words(*cell(o.cx, o.cy, image_size))}" for o in objects]
+    return f"{COUNT_WORDS[len(objects)]}: " + ", ".join(parts)
+
+
+def parse_plan(text: str) -> list[tuple[str, str, tuple[int, int]]] | None:
+    """A plan's objects as (colour, shape, (row, column)); None unless it is well-formed (`plan`'s grammar,
+    any colour and shape name of the world, the count matching the objects listed)."""
+    head, sep, body = text.strip().partition(": ")
+    count = {v: k for k, v in COUNT_WORDS.items()}.get(head)
+    if not sep or count is None:
+        return None
+    out = []
+    for part in body.split(", "):
+        words = part.split(" ", 2)
+        if len(words) != 3 or words[0] not in COLORS or words[1] not in SHAPES or words[2] not in CELLS:
+            return None
+        out.append((words[0], words[1], CELLS[words[2]]))
+    return out if len(out) == count else None
+
+
+def relation_holds(first: tuple[int, int], second: tuple[int, int], relation: str) -> bool:
+    """Cell `first` is `relation` cell `second` (a strictly smaller / larger column or row)."""
+    (r0, c0), (r1, c1) = first, second
+    return {"left of": c0 < c1, "right of": c0 > c1, "above": r0 < r1, "below": r0 > r1}[relation]
+
+
+def plan_agrees(text: str, spec: Spec) -> bool:
+    """The plan is well-formed and drawable for the caption: same count, colours and shapes (in the
+    caption's order), two objects in different cells, and a position caption's relation between the cells."""
+    objects = parse_plan(text)
+    if objects is None or [(c, s) for c, s, _ in objects] != list(spec.objects):
+        return False
+    if len(objects) == 2 and objects[0][2] == objects[1][2]:
+        return False
+    return spec.relation is None or relation_holds(objects[0][2], objects[1][2], spec.relation)
 
 
 # ---------------------------------------------------------------- pixels

@@ -8,7 +8,8 @@ its layouts from its own random stream, so images of different splits never shar
 
 Files: Parquet (`caption`, `image` PNG bytes: the SFT job's format; pre-training rows also carry the
 true caption and a `noisy` flag) and GenEval metadata jsonl (`prompt`, `tag`, `include`, `exclude`;
-the prompt files of build-prefs / evaluate and the rule reward's metadata).
+the prompt files of build-prefs / evaluate and the rule reward's metadata). The `cot` split (clean
+captions, train pool) also carries each image's `plan` (scenes.plan): the reasoning column of Self-CoT SFT.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ from shapes.scenes import (
     caption,
     corrupt,
     layout,
+    plan,
     record,
     render,
 )
 
-SPLIT_STREAMS = {"partition": 0, "pretrain": 1, "sft": 2, "prefs": 3, "eval": 4, "noise": 5, "heldout": 6}
+SPLIT_STREAMS = {"partition": 0, "pretrain": 1, "sft": 2, "prefs": 3, "eval": 4, "noise": 5, "heldout": 6, "cot": 7}
 
 
 @dataclass
@@ -57,6 +59,7 @@ class WorldDataConfig:
     num_prefs: int = 128  # prompts (train pool, distinct)
     num_eval: int = 64  # prompts (eval pool, distinct)
     num_heldout: int = 256  # images (clean captions, eval-pool specs): drift guards such as select's FM loss
+    num_cot: int = 4000  # images (clean captions, train-pool specs) with their plans: Self-CoT SFT
     noise_share: float = 0.3  # share of pre-training captions that are wrong
 
     def validate(self, where: str = "data") -> None:
@@ -74,7 +77,7 @@ class WorldDataConfig:
             raise ConfigError(f"{where}.noise_share: must be in [0, 1], got {self.noise_share}")
         if self.image_size != 64:
             raise ConfigError(f"{where}.image_size: the layouts are drawn for 64, got {self.image_size}")
-        for name in ("num_pretrain", "num_sft", "num_prefs", "num_eval", "num_heldout"):
+        for name in ("num_pretrain", "num_sft", "num_prefs", "num_eval", "num_heldout", "num_cot"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
 
@@ -133,8 +136,8 @@ def distinct_specs(
 
 
 def image_split(config: WorldDataConfig, name: str) -> list[Example]:
-    """'pretrain' (all specs, noisy captions), 'sft' (train pool, clean captions) or 'heldout' (eval pool,
-    clean captions; never trained on): captioned scenes."""
+    """'pretrain' (all specs, noisy captions), 'sft' or 'cot' (train pool, clean captions) or 'heldout' (eval
+    pool, clean captions; never trained on): captioned scenes."""
     rng = rng_for(config, name)
     geo = Geometry(image_size=config.image_size)
     if name == "pretrain":
@@ -142,10 +145,12 @@ def image_split(config: WorldDataConfig, name: str) -> list[Example]:
         specs = draw_specs(everything, config, rng, config.num_pretrain)
     elif name == "sft":
         specs = draw_specs(partition(config)["train"], config, rng, config.num_sft)
+    elif name == "cot":
+        specs = draw_specs(partition(config)["train"], config, rng, config.num_cot)
     elif name == "heldout":
         specs = draw_specs(partition(config)["eval"], config, rng, config.num_heldout)
     else:
-        raise ValueError(f"'{name}' is not an image split (pretrain, sft, heldout)")
+        raise ValueError(f"'{name}' is not an image split (pretrain, sft, cot, heldout)")
     scenes = [layout(s, rng, geo) for s in specs]
     noise_rng = rng_for(config, "noise")
     noisy = noisy_rows(len(scenes), config.noise_share if name == "pretrain" else 0.0, noise_rng)
@@ -183,17 +188,20 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_parquet(examples: list[Example], path: str | Path, image_size: int = 64) -> Path:
-    """Rows caption, image (PNG bytes), true_caption, noisy -> Parquet (what `nsalign sft` reads)."""
+def write_parquet(examples: list[Example], path: str | Path, image_size: int = 64, plans: bool = False) -> Path:
+    """Rows caption, image (PNG bytes), true_caption, noisy (+ plan: each scene's `plan`) -> Parquet (what
+    `nsalign sft` reads)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table({
+    columns = {
         "caption": [e.caption for e in examples],
         "image": [png_bytes(render(e.scene, image_size)) for e in examples],
         "true_caption": [caption(e.scene.spec) for e in examples],
         "noisy": [e.noisy for e in examples],
-    })  # fmt: skip
-    pq.write_table(table, path)
+    }  # fmt: skip
+    if plans:
+        columns["plan"] = [plan(e.scene, image_size) for e in examples]
+    pq.write_table(pa.table(columns), path)
     return path
 
 

@@ -1,8 +1,9 @@
 """The shapes world's config and data: what `nsalign shapes-world` (jobs/shapes_world.py) rebuilds.
 
 WorldConfig (`configs/shapes_world/*.yaml`): data splits, the tiny VAE's training, the tiny NextStep's sizes,
-its pre-training config and the held-out evaluation. `write_data` writes every split file, `world_images`
-renders the images the VAE trains on, `rewards_config` names the rule reward that scores the world.
+its pre-training config, its Self-CoT SFT config and the held-out evaluation. `write_data` writes every split
+file, `world_images` renders the images the VAE trains on, `rewards_config` names the rule reward that scores
+the world.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class WorldConfig:
     model: ModelSizeConfig = field(default_factory=ModelSizeConfig)
     pretrain_config: str = "configs/shapes/pretrain.yaml"  # an SftConfig; model/data/runs_root are set here
     pretrain_overrides: list[str] = field(default_factory=list)  # extra key=value for it
+    # Self-CoT SFT of the pre-trained model on the plans split ("" skips it); model/data.path/runs_root are set here
+    cot_config: str = "configs/shapes/cot.yaml"
+    cot_overrides: list[str] = field(default_factory=list)  # extra key=value for it
     eval: WorldEvalConfig = field(default_factory=WorldEvalConfig)
     seed: int = 0  # NextStep init
 
@@ -79,6 +83,7 @@ def write_data(config: WorldDataConfig, out: Path) -> dict[str, Path]:
         "pretrain": write_parquet(image_split(config, "pretrain"), out / "pretrain.parquet", config.image_size),
         "sft": write_parquet(image_split(config, "sft"), out / "sft.parquet", config.image_size),
         "heldout": write_parquet(image_split(config, "heldout"), out / "heldout.parquet", config.image_size),
+        "cot": write_parquet(image_split(config, "cot"), out / "cot.parquet", config.image_size, plans=True),
         "prefs": write_metadata([e.spec for e in prompt_split(config, "prefs")], out / "prefs.jsonl"),
         "eval": write_metadata([e.spec for e in prompt_split(config, "eval")], out / "eval.jsonl"),
         "metadata": write_metadata(all_specs(config.colors, config.shapes), out / "metadata.jsonl"),

@@ -13,11 +13,14 @@ import torch
 from PIL import Image
 
 from alignment.learner_config import LearnerConfig
-from alignment.sft_data import SftDataConfig, expand_braces, load_pairs
+from alignment.sft_data import SftDataConfig, expand_braces, load_pairs, load_samples
 from base_model.checkpoint import build_random, load_checkpoint
+from base_model.teacher_forcing import teacher_forced
+from base_model.text import CotConfig
+from core.errors import UserError
 from core.rng import sample_order
 from jobs.cli import main
-from jobs.sft import SftConfig, dropped_captions, run_sft
+from jobs.sft import SftConfig, cot_samples, dropped_captions, run_sft, sft_batch
 
 pytestmark = pytest.mark.deepspeed
 
@@ -205,3 +208,104 @@ def test_bad_tar_input_exits_2_before_the_run_dir(tmp_path, capsys, files, messa
     err = capsys.readouterr().err.strip()
     assert err.startswith("nsalign sft: error: ") and message in err and "\n" not in err, err
     assert not (tmp_path / "runs").exists()
+
+
+# -- Self-CoT SFT ----------------------------------------------------------------------------------
+
+
+PLAN = "1 shape: {} square centre"
+
+
+@pytest.fixture
+def plans(tmp_path):
+    """The Parquet fixture's pairs with a `plan` column (the reasoning)."""
+    rows = {"caption": [f"a {c} square" for c in COLORS], "image": [_png(v) for v in COLORS.values()],
+            "plan": [PLAN.format(c) for c in COLORS]}  # fmt: skip
+    path = tmp_path / "plans.parquet"
+    pq.write_table(pa.table(rows), path)
+    return path
+
+
+def _cot_config(tmp_path, data, name, steps, cot_fraction):
+    config = _config(tmp_path, data, name, steps, caption_dropout=0.25)
+    config.data.reasoning_field, config.cot_fraction, config.lm_loss_weight = "plan", cot_fraction, 1.0
+    config.cot = CotConfig(template="{caption}. plan: ", max_text_tokens=32)
+    return config
+
+
+def test_cot_samples_depend_only_on_the_stream_position():
+    assert cot_samples(0, 0, 5, fraction=0.0) == [False] * 5 and cot_samples(0, 0, 5, fraction=1.0) == [True] * 5
+    whole = cot_samples(3, 10, 8, 0.5)
+    assert cot_samples(3, 10, 3, 0.5) + cot_samples(3, 13, 5, 0.5) == whole
+    assert whole != dropped_captions(3, 10, 8, 0.5)  # a stream of its own
+    assert 0.45 < sum(cot_samples(0, 0, 4000, 0.5)) / 4000 < 0.55
+
+
+def test_a_cot_row_is_template_caption_plan_then_the_image_prefix_and_all_of_it_is_a_text_target():
+    bundle = build_random("tiny", seed=0)
+    cot = CotConfig(template="{caption}. plan: ")
+    plan_ids = bundle.tokenizer(["1 shape: red square centre"], add_special_tokens=False)["input_ids"]
+    batch = sft_batch(bundle.tokenizer, bundle.ids, ["a red square"], plan_ids, (64, 64), cot, 512)
+    assert bundle.tokenizer.decode(batch.input_ids[0]) == (
+        "a red square. plan: 1 shape: red square centre<|image_area|>4*4<|begin_of_image|>"
+    )
+    plain = sft_batch(bundle.tokenizer, bundle.ids, ["a red square"], None, (64, 64), cot, 512)
+    assert bundle.tokenizer.decode(plain.input_ids[0]) == "a red square<|image_area|>4*4<|begin_of_image|>"
+    tokens = torch.zeros(1, 16, 64)
+    # targets: every prompt token after the first, then <|end_of_image|>: 20 + 26 + 5 - 1 + 1 (CoT), 12 + 5 - 1 + 1
+    forced = teacher_forced(bundle.model, batch, bundle.ids, tokens, compute_text_ce=True)
+    assert forced.num_text_targets == 51
+    assert teacher_forced(bundle.model, plain, bundle.ids, tokens, compute_text_ce=True).num_text_targets == 17
+
+
+def test_self_cot_sft_resumes_exactly(tmp_path, plans):
+    straight = run_sft(_cot_config(tmp_path, plans, "straight", 4, cot_fraction=0.5))
+    run_sft(_cot_config(tmp_path, plans, "resumed", 2, cot_fraction=0.5))
+    resumed = run_sft(_cot_config(tmp_path, plans, "resumed", 4, cot_fraction=0.5))
+    a, b = (load_checkpoint(r / "step_000004" / "model").model.state_dict() for r in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    shares = [json.loads(r)["sft/cot_share"] for r in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert len(shares) == 4 and set(shares) <= {0.0, 0.5, 1.0}  # 2 samples a step
+
+
+def test_self_cot_sft_learns_the_plan(tmp_path, plans):
+    config = _cot_config(tmp_path, plans, "only_cot", 4, cot_fraction=1.0)
+    config.caption_dropout, config.learner.lr = 0.0, 1e-2
+    run = run_sft(config)
+    metrics = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["sft/cot_share"] == 1.0 for m in metrics)
+    nll = [m["sft/reasoning_nll"] for m in metrics]  # per plan token and stop event, ~log(261) untrained
+    assert nll[0] > 5.0 and nll[-1] < nll[0] - 1.0, nll
+
+
+def test_no_cot_share_is_plain_sft_reasoning_column_or_not(tmp_path, data, plans):
+    none = _cot_config(tmp_path, plans, "none", 2, cot_fraction=0.0)
+    none.lm_loss_weight = None
+    plain = _config(tmp_path, data, "plain", 2, caption_dropout=0.25)
+    a, b = (load_checkpoint(run_sft(x) / "step_000002" / "model").model.state_dict() for x in (none, plain))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_self_cot_input_exits_2(tmp_path, plans, capsys):
+    good = f"run_name: x\nruns_root: {tmp_path}/runs\ndata: {{path: {plans}, reasoning_field: plan}}\n"
+    config = tmp_path / "c.yaml"
+    config.write_text(good.replace("reasoning_field: plan", "image_size: 64") + "cot_fraction: 0.5\n")
+    assert main(["sft", str(config)]) == 2
+    assert "cot_fraction: 0.5 needs data.reasoning_field" in capsys.readouterr().err
+    config.write_text(good + "cot_fraction: 0.5\ncot: {max_text_tokens: 20}\n")
+    assert main(["sft", str(config)]) == 2
+    assert "row 0: reasoning of 26 tokens is longer than cot.max_text_tokens=20" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "x").exists()
+
+
+def test_tar_shards_carry_the_reasoning_in_the_json(tmp_path):
+    red = _png(COLORS["red"])
+    files = {"s0.png": red, "s0.txt": b"a red square", "s0.json": b'{"plan": "1 shape: red square centre"}',
+             "s1.png": red, "s1.json": b'{"caption": "a red square", "plan": "1 shape: red square top"}'}  # fmt: skip
+    _write_tar(tmp_path / "s.tar", files)
+    samples = load_samples(SftDataConfig(path=str(tmp_path / "s.tar"), reasoning_field="plan"))
+    assert samples.captions == ["a red square"] * 2
+    assert samples.reasonings == ["1 shape: red square centre", "1 shape: red square top"]
+    _write_tar(tmp_path / "bad.tar", {"s0.png": red, "s0.txt": b"a red square"})
+    with pytest.raises(UserError, match="s0.*empty reasoning \\('plan'\\)"):
+        load_samples(SftDataConfig(path=str(tmp_path / "bad.tar"), reasoning_field="plan"))

@@ -142,6 +142,7 @@ class SftLoss:
     loss: torch.Tensor  # [] lm_loss_weight * text CE + im_loss_weight * FM
     text_ce: torch.Tensor
     flow_matching: torch.Tensor
+    text_log_probs: torch.Tensor | None = None  # [B, N+1] Self-CoT rows: each reasoning's log-probs (detached)
 
 
 def sft_loss(
@@ -150,15 +151,21 @@ def sft_loss(
     ids: SpecialIds,
     tokens: torch.Tensor,
     generator: torch.Generator | None = None,
+    lm_loss_weight: float | None = None,
 ) -> SftLoss:
-    """NextStep-1's training loss on (caption, image tokens) pairs: 0.01 CE(text) + 1.0 FM(image)."""
+    """NextStep-1's training loss on (caption, image tokens) pairs: 0.01 CE(text) + 1.0 FM(image)
+    (`lm_loss_weight` replaces the config's 0.01). On a Self-CoT batch (`build_self_cot_batch` with texts) the
+    text CE covers each reasoning and its stop (the <|image_area|> after it); text_log_probs scores them."""
     if batch.has_uncond:
         raise ValueError("SFT batches carry no unconditional rows")
-    out = teacher_forced(model, batch, ids, tokens, compute_text_ce=True)
+    stopped = None if batch.text_lengths is None else torch.ones(batch.num_prompts, dtype=torch.bool)
+    out = teacher_forced(model, batch, ids, tokens, compute_text_ce=True, text_stopped=stopped)
     fm = flow_matching_loss(model, out.image_cond, tokens, model.config.fm_head_batch_mul, generator)
     config = model.config
-    loss = config.lm_loss_weight * out.text_ce + config.im_loss_weight * fm
-    return SftLoss(loss=loss, text_ce=out.text_ce.detach(), flow_matching=fm.detach())
+    weight = config.lm_loss_weight if lm_loss_weight is None else lm_loss_weight
+    loss = weight * out.text_ce + config.im_loss_weight * fm
+    text_lp = None if out.text_log_probs is None else out.text_log_probs.detach()
+    return SftLoss(loss=loss, text_ce=out.text_ce.detach(), flow_matching=fm.detach(), text_log_probs=text_lp)
 
 
 @dataclass

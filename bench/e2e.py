@@ -99,14 +99,23 @@ def main() -> int:
     )
 
 
-def confirmation(config: PipelineConfig, seed: int, samples: int) -> str:
-    """Re-run the pipeline's evaluate stage with another sample seed (resumable) -> its comparison table."""
+def evaluate_again(config: PipelineConfig, seed: int, samples: int) -> tuple[str, str | None]:
+    """Re-run the pipeline's evaluate stage with another sample seed (resumable) into <eval_dir>_confirm ->
+    (that directory, None) or (its command, a line saying it failed)."""
     stage = next(s for s in config.stages if s.job == "evaluate")
     out_dir = f"{config.report.eval_dir}_confirm"
     cmd = [sys.executable, "-m", "jobs.cli", "evaluate", stage.config, *stage.overrides, f"out_dir={out_dir}",
            f"seed={seed}", f"samples_per_prompt={samples}"]  # fmt: skip
     if subprocess.call(cmd, cwd=ROOT) != 0:
-        return f"\nConfirmation on seed {seed} failed: `{' '.join(cmd[1:])}`.\n"
+        return out_dir, f"\nConfirmation on seed {seed} failed: `{' '.join(cmd[1:])}`.\n"
+    return out_dir, None
+
+
+def confirmation(config: PipelineConfig, seed: int, samples: int) -> str:
+    """Re-run the pipeline's evaluate stage with another sample seed -> its comparison table."""
+    out_dir, failed = evaluate_again(config, seed, samples)
+    if failed:
+        return failed
     table, _ = comparison_table(dataclasses.replace(config.report, eval_dir=out_dir, out=""))
     return "\n".join([
         f"## Confirmation: the same checkpoints on {samples} fresh seeds per prompt (seed {seed}, `{out_dir}`)",

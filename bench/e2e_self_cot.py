@@ -76,12 +76,11 @@ def main() -> int:
 
 def confirmation(config: PipelineConfig, seed: int, samples: int) -> str:
     """The evaluate stage again on fresh seeds (resumable) -> its two comparison tables."""
-    stage = next(s for s in config.stages if s.job == "evaluate")
-    out_dir = f"{config.report.eval_dir}_confirm"
-    cmd = [sys.executable, "-m", "jobs.cli", "evaluate", stage.config, *stage.overrides, f"out_dir={out_dir}",
-           f"seed={seed}", f"samples_per_prompt={samples}"]  # fmt: skip
-    if subprocess.call(cmd, cwd=ROOT) != 0:
-        return f"\nConfirmation on seed {seed} failed: `{' '.join(cmd[1:])}`.\n"
+    from e2e import evaluate_again  # bench/ is on sys.path when run as a script
+
+    out_dir, failed = evaluate_again(config, seed, samples)
+    if failed:
+        return failed
     return "\n".join([
         f"## Confirmation: {samples} fresh seeds per prompt (seed {seed}, `{out_dir}`)", "", tables(config, out_dir),
     ])  # fmt: skip

@@ -155,7 +155,7 @@ def shard_rows(
     return rows
 
 
-def write_shard(run: Path, index: int, rows: list[dict], reward_names: list[str], self_cot: bool) -> None:
+def write_shard(run: Path, index: int, rows: list[dict], reward_names: list[str], self_cot: bool = False) -> None:
     """Atomically: a temporary file in the same directory, then rename (an empty shard still counts)."""
     table = pairs_table(rows, reward_names, self_cot)
     atomic_write(run / DATA_DIR / shard_name(index), lambda tmp: pq.write_table(table, tmp))

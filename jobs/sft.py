@@ -52,7 +52,7 @@ from base_model.sequence import (
     model_max_positions,
     truncation_note,
 )
-from base_model.teacher_forcing import flow_matching_loss, teacher_forced
+from base_model.teacher_forcing import sft_loss
 from base_model.text import CotConfig
 from base_model.tokenizer import SpecialIds
 from core.errors import ConfigError, UserError
@@ -301,16 +301,11 @@ class SftTrainer(Trainer):
         step's `reasoning_tally` (unless `tally` is False: a stand-in)."""
         idx = [i for i, _, _, _ in items]
         batch = self.prompt_batch(items, cot)
-        tokens = self.encode(idx)
-        stopped = torch.ones(len(items), dtype=torch.bool) if cot else None
-        out = teacher_forced(model, batch, self.bundle.ids, tokens, compute_text_ce=True, text_stopped=stopped)
-        fm = flow_matching_loss(model, out.image_cond, tokens, model.config.fm_head_batch_mul, generator)
-        weight = model.config.lm_loss_weight if self.config.lm_loss_weight is None else self.config.lm_loss_weight
-        loss = weight * out.text_ce + model.config.im_loss_weight * fm
+        out = sft_loss(model, batch, self.bundle.ids, self.encode(idx), generator, self.config.lm_loss_weight)
         if cot and tally:
-            self.reasoning_tally[0] += float(-out.text_log_probs.detach().sum())
+            self.reasoning_tally[0] += float(-out.text_log_probs.sum())
             self.reasoning_tally[1] += int(batch.text_lengths.sum()) + len(items)  # every token, each stop event
-        return loss, float(out.text_ce.detach()), float(fm.detach())
+        return out.loss, float(out.text_ce), float(out.flow_matching)
 
     def prompt_batch(self, items: list[tuple[int, bool, int, bool]], cot: bool) -> PromptBatch:
         """The rows of `sft_batch` for samples all in one layout."""

@@ -39,3 +39,22 @@ def ray_session():
     ensure_ray(num_cpus=2)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def chatty():
+    """A random tiny bundle whose lm_head favours <|image_area|> (a bias of +4 on its logit): Self-CoT texts of
+    varied lengths that stop by themselves (a random model's own texts run into max_text_tokens)."""
+    from torch import nn
+
+    from base_model.checkpoint import build_random
+
+    bundle = build_random("tiny", seed=0)
+    model = bundle.model
+    head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[bundle.ids.image_area] = 4.0
+    model.lm_head = head
+    return bundle

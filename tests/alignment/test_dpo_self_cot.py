@@ -7,11 +7,9 @@ import dataclasses
 
 import pytest
 import torch
-from torch import nn
 
 from alignment.losses import diffusion_dpo_loss
 from alignment.objectives import make_batch, pair_errors, pair_scores
-from base_model.checkpoint import build_random
 from base_model.generate import sample_prompts
 from base_model.sampler import SamplingConfig
 from base_model.sequence import build_prompt_batch, build_self_cot_batch
@@ -24,20 +22,6 @@ COT = SamplingConfig(image_size=64, cfg_scale=1.0, num_head_steps=4, self_cot=Tr
                      cot=CotConfig(template="{caption}. plan:", max_text_tokens=8))  # fmt: skip
 PROMPTS = ["a red circle", "two blue squares with a much longer caption", "x"]
 SEEDS = [1, 2, 3, 4, 5, 6]  # winners 1..3, losers 4..6
-
-
-@pytest.fixture(scope="module")
-def chatty():
-    """A random tiny bundle whose lm_head favours <|image_area|> (bias +4): texts of varied lengths that stop."""
-    bundle = build_random("tiny", seed=0)
-    model = bundle.model
-    head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(model.lm_head.weight)
-        head.bias.zero_()
-        head.bias[bundle.ids.image_area] = 4.0
-    model.lm_head = head
-    return bundle
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from base_model.checkpoint import build_random
 from base_model.generate import decode_text, sample_prompts
@@ -48,20 +47,6 @@ def test_stop_event_scores_either_stop_token_the_same():
     log_pi = torch.log(torch.tensor([[0.5, 0.1, 0.1, 0.2, 0.1]]))
     both = text_log_prob(log_pi.expand(2, -1), torch.tensor([3, 4]), STOP)
     torch.testing.assert_close(both, torch.full((2,), math.log(0.3)))
-
-
-@pytest.fixture(scope="module")
-def chatty():
-    """A random tiny bundle whose lm_head favours <|image_area|> (bias +5): texts of varied lengths that stop."""
-    bundle = build_random("tiny", seed=0)
-    model = bundle.model
-    head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(model.lm_head.weight)
-        head.bias.zero_()
-        head.bias[bundle.ids.image_area] = 4.0
-    model.lm_head = head
-    return bundle
 
 
 COT = SamplingConfig(image_size=64, cfg_scale=3.0, num_head_steps=4, self_cot=True,

@@ -29,7 +29,10 @@ WHAT = {
     "pretrained_cot": "the plan-writing shapes model, sampled plain (no plan)",
     "pretrained_cot+self_cot": "the same weights, sampled with Self-CoT (its greedy plan, then the image)",
     "dpo_image": "Diffusion-DPO on the image-only preference set (plain sampling)",
-    "dpo_cot": "Diffusion-DPO on the Self-CoT set (plans drawn at temperature 1), each image scored after its own plan (Self-CoT sampling)",
+    "dpo_cot": (
+        "Diffusion-DPO on the Self-CoT set (plans drawn at temperature 1), each image scored after its own plan "
+        "(Self-CoT sampling)"
+    ),
     "dpo_cot_text": "as dpo_cot, plus the plan's own DPO log-ratio (text_loss, text_beta 0.1)",
 }
 

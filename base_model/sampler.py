@@ -87,12 +87,8 @@ class SamplingConfig:
 
     @property
     def text_tokens(self) -> int:
-        """Positions the Self-CoT template and reasoning add at most (0 without Self-CoT); the template's
-        UTF-8 bytes bound its tokens (byte-level BPE never needs more)."""
-        if not self.self_cot:
-            return 0
-        before, after = self.cot.template_parts
-        return len(before.encode()) + len(after.encode()) + 1 + self.cot.max_text_tokens  # +1: a BOS
+        """Positions the Self-CoT template and reasoning add at most (0 without Self-CoT; CotConfig.text_tokens)."""
+        return self.cot.text_tokens if self.self_cot else 0
 
     @property
     def uses_guidance(self) -> bool:

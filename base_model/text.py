@@ -56,6 +56,13 @@ class CotConfig:
             raise ConfigError(f"{where}.top_p: must be in (0, 1], got {self.top_p}")
 
     @property
+    def text_tokens(self) -> int:
+        """Positions the template and the reasoning add to a sequence at most: the template's UTF-8 bytes bound
+        its tokens (byte-level BPE never needs more), +1 for a BOS, + max_text_tokens."""
+        before, after = self.template_parts
+        return len(before.encode()) + len(after.encode()) + 1 + self.max_text_tokens
+
+    @property
     def template_parts(self) -> tuple[str, str]:
         """(text before {caption}, text after it)."""
         before, after = self.template.split(CAPTION_FIELD)

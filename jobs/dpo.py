@@ -47,7 +47,6 @@ from alignment.objectives import (
 from alignment.ranks import check_divisible, rank, rank_share, world_size
 from alignment.trainer import Trainer
 from base_model.model import NextStepModel
-from base_model.sampler import SamplingConfig
 from base_model.sequence import DEFAULT_MAX_PROMPT_TOKENS, check_sequence_fits, grid_for_size, truncation_note
 from core.errors import ConfigError, UserError
 from core.rng import sample_order
@@ -148,14 +147,14 @@ def check_pairs_fit(pairs: PreferencePairs, token_dim: int, where: str) -> None:
 
 def self_cot_text_tokens(pairs: PreferencePairs, where: str) -> int:
     """Positions the pairs' CoT template and reasoning add to a sequence (0 for image-only pairs): the
-    sampler's bound (`SamplingConfig.text_tokens`) for the template and max_text_tokens they were written with."""
+    sampler's bound (`CotConfig.text_tokens`) for the template and max_text_tokens they were written with."""
     if not pairs.self_cot:
         return 0
     longest = max(len(t) for t in pairs.chosen_text_ids + pairs.rejected_text_ids)
     if longest > pairs.cot.max_text_tokens:
         raise UserError(f"{where}: a reasoning of {longest} tokens is longer than the dataset's "
                         f"cot.max_text_tokens={pairs.cot.max_text_tokens}")  # fmt: skip
-    return SamplingConfig(image_size=pairs.image_size, self_cot=True, cot=pairs.cot).text_tokens
+    return pairs.cot.text_tokens
 
 
 def concat_scores(parts: list[PairScores]) -> PairScores:

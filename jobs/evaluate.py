@@ -20,7 +20,6 @@ same prompts and seeds, e.g. `checkpoints: [plain=dir, cot=dir]` + `self_cot: [c
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +53,7 @@ class EvaluateConfig(EvalSettings):
         entries = [entry(spec) for spec in self.checkpoints]
         if not self.run_dir:  # a run's step_* names are known once it is read (resolve_checkpoints)
             check_self_cot_names(self.self_cot, [name for name, _ in entries], where)
-        cot_tokens = dataclasses.replace(self.sampling, self_cot=True).text_tokens  # template + reasoning
+        cot_tokens = self.sampling.cot.text_tokens  # template + reasoning
         for name, spec in entries:  # run directories are resolved (and read) later
             check_sequence_fits(
                 self.sampling.max_prompt_tokens,

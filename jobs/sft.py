@@ -114,10 +114,7 @@ class SftConfig:
     @property
     def cot_text_tokens(self) -> int:
         """Positions a Self-CoT row needs beyond a plain one: template + reasoning (0 without Self-CoT)."""
-        if self.cot_fraction <= 0:
-            return 0
-        before, after = self.cot.template_parts
-        return len(before.encode()) + len(after.encode()) + 1 + self.cot.max_text_tokens  # +1: a BOS
+        return self.cot.text_tokens if self.cot_fraction > 0 else 0
 
     @property
     def samples_per_step(self) -> int:

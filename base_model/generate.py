@@ -79,16 +79,30 @@ def generate_images(
     progress: bool = False,
 ) -> torch.Tensor:
     """uint8 [N, 3, S, S] for prompts[i] with seeds[i], sampled `batch_size` at a time."""
+    return generate_with_text(bundle, prompts, seeds, sampling, batch_size, progress)[0]
+
+
+def generate_with_text(
+    bundle: NextStepBundle,
+    prompts: list[str],
+    seeds: list[int],
+    sampling: SamplingConfig,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> tuple[torch.Tensor, TextSample | None]:
+    """`generate_images`, and (sampling.self_cot) the reasoning each image was drawn after, on the CPU."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    out = []
+    images, texts = [], []
     for start in range(0, len(prompts), batch_size):
         res = sample_prompts(
             bundle, prompts[start : start + batch_size], seeds[start : start + batch_size], sampling,
             progress=progress,
         )  # fmt: skip
-        out.append(decode_tokens(bundle, res.tokens, sampling.image_size))
-    return torch.cat(out, dim=0)
+        images.append(decode_tokens(bundle, res.tokens, sampling.image_size))
+        texts.append(res.text)
+    text = TextSample.concat([t.to("cpu") for t in texts]) if sampling.self_cot else None
+    return torch.cat(images, dim=0), text
 
 
 def make_grid(images: torch.Tensor, ncols: int) -> np.ndarray:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from base_model.checkpoint import resolve_model
 from base_model.config import RANDOM_PRESETS
-from base_model.generate import decode_text, decode_tokens, make_grid, sample_prompts
+from base_model.generate import decode_text, generate_with_text, make_grid
 from base_model.sampler import SamplingConfig
 from base_model.sequence import DEFAULT_MAX_PROMPT_TOKENS, check_sequence_fits, model_max_positions, truncation_note
 from base_model.text import CotConfig, TextSample
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     seeds = [args.seed + i for _ in args.prompt for i in range(args.num_images)]
     t0 = time.perf_counter()
-    images, text = sample_images(bundle, prompts, seeds, sampling, args.batch_size)
+    images, text = generate_with_text(bundle, prompts, seeds, sampling, batch_size=args.batch_size, progress=True)
     elapsed = time.perf_counter() - t0
     grid = make_grid(images, ncols=args.num_images)
     write_png(grid, out)
@@ -119,20 +119,6 @@ def cot_config(args: argparse.Namespace) -> CotConfig:
     if given and not args.self_cot:
         raise UserError(f"--{COT_FLAGS[next(iter(given))].replace('_', '-')} needs --self-cot")
     return CotConfig(**given)
-
-
-def sample_images(
-    bundle, prompts: list[str], seeds: list[int], sampling: SamplingConfig, batch_size: int
-) -> tuple[torch.Tensor, TextSample | None]:
-    """uint8 images [N, 3, S, S] for prompts[i] with seeds[i], `batch_size` at a time, and (Self-CoT) the
-    reasoning each was drawn after."""
-    images, texts = [], []
-    for start in range(0, len(prompts), batch_size):
-        res = sample_prompts(bundle, prompts[start : start + batch_size], seeds[start : start + batch_size], sampling,
-                             progress=True)  # fmt: skip
-        images.append(decode_tokens(bundle, res.tokens, sampling.image_size))
-        texts.append(res.text)
-    return torch.cat(images), TextSample.concat([t.to("cpu") for t in texts]) if sampling.self_cot else None
 
 
 def reasoning_records(

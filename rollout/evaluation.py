@@ -85,15 +85,23 @@ def run_checkpoints(run_dir: str | Path) -> list[tuple[str, str]]:
     return [(p.name, str(p / "model")) for p in steps]
 
 
+def settings_dict(settings: EvalSettings) -> dict:
+    """The EvalSettings fields of `settings` as plain data, without the pools (workers may change between runs)."""
+    out = {f.name: to_dict(getattr(settings, f.name)) for f in dataclasses.fields(EvalSettings)}
+    out["rollout"].pop("pool")
+    out["rewards"].pop("pool")
+    return out
+
+
 def prepare_out_dir(settings: EvalSettings, out_dir: str | Path) -> Path:
     """Create the output directory or reopen it; the settings must match (pools may change). Which entries
     use Self-CoT and with what `cot` is checked per entry against eval.json instead (check_self_cot), so
-    Self-CoT entries can join a directory scored without them (and one written before Self-CoT existed)."""
+    Self-CoT entries can join a directory scored without them. Settings a directory's config.yaml lacks (written
+    before they existed) count as EvalSettings' defaults, as for every run directory (core/runs.py)."""
     out = Path(out_dir)
-    resolved = {f.name: to_dict(getattr(settings, f.name)) for f in dataclasses.fields(EvalSettings)}
-    resolved["rollout"].pop("pool")
-    resolved["rewards"].pop("pool")
-    run = prepare_run_dir(out.parent, out.name, resolved, extendable=("sampling.self_cot", "sampling.cot"))
+    resolved, defaults = settings_dict(settings), settings_dict(EvalSettings())
+    run = prepare_run_dir(out.parent, out.name, resolved, extendable=("sampling.self_cot", "sampling.cot"),
+                          defaults=defaults)  # fmt: skip
     for scores in (run / SCORES_DIR).glob("*"):  # shards being written when the last attempt died
         remove_partial_writes(scores)
     return run

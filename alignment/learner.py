@@ -23,7 +23,9 @@ Trust: the engine state a resume reads (`step_N/engine/`, torch pickles written 
 that may come from elsewhere, and loading it runs no code: DeepSpeed's checkpoint engine is replaced by
 one loading with weights_only=True (tensors, plain containers and the three DeepSpeed types of
 `deepspeed_safe_globals`); anything else stops the resume with one line. The client state we store
-with it is two ints.
+with it is two ints. A resume on another number of ranks with learner.reshard_on_resume=universal goes
+through DeepSpeed's universal checkpoint, whose converter and loader run under the same rule
+(learner_state.torch_load_weights_only).
 """
 
 from __future__ import annotations
@@ -39,11 +41,15 @@ import torch
 
 from alignment.learner_config import LearnerConfig, lr_lambda
 from alignment.learner_state import (
+    UNIVERSAL,
+    convert_to_universal,
     iter_policy,
     load_parameters,
     merged_state_dict,
     policy_shapes,
     read_world_record,
+    torch_load_weights_only,
+    universal_refusal,
     weights_only_checkpoint_engine,
     world_size_change,
     write_world_record,
@@ -78,19 +84,44 @@ class StepResult:
     metrics: dict[str, float]
 
 
-def deepspeed_config(config: LearnerConfig) -> dict:
-    """The DeepSpeed config of a training engine. Optional ZeRO-Offload: `offload_optimizer` keeps the
-    optimizer state (and its step) in CPU memory with DeepSpeed's CPU Adam; `offload_params` (ZeRO-3) keeps
-    the parameter partitions there too, fetched to the device per layer."""
+ADAM_EPS = 1e-8  # torch's AdamW and DeepSpeed's CPU Adam both default to it: stated, so the two cannot drift
+
+
+def cpu_adam_error() -> str | None:
+    """Why DeepSpeed's CPU Adam op cannot be loaded here, in one line, or None when it loads. DeepSpeed compiles
+    it on first use (about 150 s on 2 cores, then cached under ~/.cache/torch_extensions); without a C++
+    compiler, or on CUDA without the toolkit's headers, it cannot."""
+    try:
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        CPUAdamBuilder().load(verbose=False)
+    except Exception as error:  # the builder passes on whatever the compiler, linker or loader raised
+        lines = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return None
+
+
+def deepspeed_config(config: LearnerConfig, cpu_adam: bool = True) -> dict:
+    """The DeepSpeed config of a training engine. Optional ZeRO-Offload: `offload_optimizer` keeps the fp32
+    master weights and Adam state in CPU memory and steps them there; `offload_params` (ZeRO-3) keeps the
+    parameter partitions there too, fetched to the device per layer. An impossible combination (offload
+    without ZeRO, parameter offload without ZeRO-3) is one ConfigError line.
+
+    Every path takes the same AdamW step (decoupled weight decay, bias correction, eps added after the square
+    root; tests/alignment/test_offload.py): torch's AdamW where the optimizer is not offloaded, DeepSpeed's
+    CPU Adam (adamw_mode) where it is, or, with `cpu_adam` False (its op cannot be built, `cpu_adam_error`),
+    torch's AdamW on the offloaded CPU partitions, which DeepSpeed allows once zero_force_ds_cpu_optimizer is
+    off (same update, slower step)."""
+    config.validate()
     zero: dict[str, Any] = {"stage": config.zero_stage}
     if config.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if config.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    adam = {"lr": config.lr, "betas": list(config.adam_betas), "weight_decay": config.weight_decay}
-    if not config.offload_optimizer:
-        adam["torch_adam"] = True  # the offloaded step is DeepSpeed's CPU Adam
-    return {
+    adam = {"lr": config.lr, "betas": list(config.adam_betas), "eps": ADAM_EPS, "weight_decay": config.weight_decay}
+    if not (config.offload_optimizer and cpu_adam):
+        adam["torch_adam"] = True  # else DeepSpeed builds its CPU Adam, in AdamW mode for type AdamW
+    ds = {
         "train_micro_batch_size_per_gpu": 1,  # our micro batches are opaque objects; we scale losses
         "gradient_accumulation_steps": 1,
         "gradient_clipping": config.max_grad_norm,
@@ -99,6 +130,22 @@ def deepspeed_config(config: LearnerConfig) -> dict:
         "optimizer": {"type": "AdamW", "params": adam},
         "steps_per_print": 10**9,
     }
+    if config.offload_optimizer and not cpu_adam:
+        ds["zero_force_ds_cpu_optimizer"] = False
+    return ds
+
+
+def offload_config(config: LearnerConfig) -> dict:
+    """`deepspeed_config` for a learner about to be built: with `offload_optimizer`, CPU Adam when its op loads
+    here, else (one printed line saying why) torch's AdamW on the CPU."""
+    cpu_adam = True
+    if config.offload_optimizer:
+        error = cpu_adam_error()
+        if error is not None:
+            print(f"learner.offload_optimizer: DeepSpeed's CPU Adam cannot be built here ({error}); stepping the "
+                  "offloaded optimizer with torch's AdamW on the CPU instead (same update, slower)")  # fmt: skip
+            cpu_adam = False
+    return deepspeed_config(config, cpu_adam)
 
 
 def reference_config(config: LearnerConfig) -> dict:
@@ -131,7 +178,7 @@ class Learner:
         if config.gradient_checkpointing and hasattr(model, "set_gradient_checkpointing"):
             model.set_gradient_checkpointing(True)
         params = [p for p in model.parameters() if p.requires_grad]
-        ds_config = deepspeed_config(config)
+        ds_config = offload_config(config)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
         self._load_weights_only()
         self.lr_factor = lr_lambda(config)  # applied by hand: ZeRO's optimizer wrapper is no torch Optimizer
@@ -313,8 +360,9 @@ class Learner:
 
     def _load_weights_only(self) -> None:
         """Every file engine.load_checkpoint reads goes through the engine's checkpoint engine (model states
-        through SDLoader, ZeRO partitions, optimizer states; DeepSpeed's other torch.load calls serve
-        universal checkpoints and MoE, which this learner never configures): make it load weights-only."""
+        through SDLoader, ZeRO partitions, optimizer states; DeepSpeed's other torch.load calls serve universal
+        checkpoints, read under `torch_load_weights_only` in `load_universal`, and MoE, which this learner never
+        configures): make it load weights-only."""
         from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
         current = self.engine.checkpoint_engine
@@ -334,22 +382,61 @@ class Learner:
     def load_state(self, directory: Path) -> None:
         """Engine state and step counters from directory/engine, loaded weights-only (see `_load_weights_only`);
         a missing, unreadable or tampered state is a one-line CheckpointError. State written by another number
-        of ranks is one line too, unless learner.reshard_on_resume: then `reshard_from`."""
+        of ranks is one line too, unless learner.reshard_on_resume: "universal" converts it and keeps the
+        optimizer state (`load_universal`), "weights" (or true) restarts the optimizer (`reshard_from`)."""
         engine_dir = directory / "engine"
         if not (engine_dir / "state").is_dir():
             raise CheckpointError(f"{engine_dir / 'state'}: no DeepSpeed state in this checkpoint")
         saved = read_world_record(engine_dir)
         if saved is not None and saved["world_size"] != self.world_size:
-            if not self.config.reshard_on_resume:
+            self.config.validate()
+            mode = self.config.reshard_mode
+            if mode == "off":
                 raise world_size_change(directory, saved, self.world_size, self.config.zero_stage)
-            self.reshard_from(directory, saved)
+            if mode == "weights":
+                self.reshard_from(directory, saved)
+            else:
+                self.load_universal(directory, saved)
             return
         _, client = self.engine.load_checkpoint(str(engine_dir), tag="state")
+        self._restore_counters(engine_dir, client)
+
+    def _restore_counters(self, engine_dir: Path, client: dict | None) -> None:
+        """step_count and num_skipped from the client state saved with the engine (two non-negative ints)."""
         counters = {k: (client or {}).get(k) for k in ("step_count", "num_skipped")}
         if not all(type(v) is int and v >= 0 for v in counters.values()):
             raise CheckpointError(f"{engine_dir}: step counters missing or not integers ({counters})")
         self.step_count = counters["step_count"]
         self.num_skipped = counters["num_skipped"]
+
+    def load_universal(self, directory: Path, saved: dict[str, int]) -> None:
+        """Continue from checkpoint `directory` written by another number of ranks with its whole optimizer state:
+        rank 0 converts engine/state once into DeepSpeed's universal checkpoint (engine/universal, per parameter:
+        fp32 master weights, Adam's exp_avg / exp_avg_sq and step; reused by a later resume) while the other
+        ranks wait, then every rank loads its own partition of it, with the step counters. Not for ZeRO-0, nor
+        across ZeRO stages: one line naming the alternatives (`universal_refusal`)."""
+        refusal = universal_refusal(directory, saved, self.config.zero_stage)
+        if refusal is not None:
+            raise refusal
+        engine_dir = directory / "engine"
+        failure = None
+        if self.rank == 0:
+            try:
+                convert_to_universal(engine_dir)
+            except CheckpointError as e:
+                failure = e
+        if not self._all_ranks(failure is None):  # every rank stops together, rank 0 with the reason
+            raise failure or CheckpointError(f"{engine_dir}: rank 0 could not convert it to a universal checkpoint")
+        self.engine._config.load_universal_checkpoint = True  # read at load time only (checkpoint.load_universal)
+        try:
+            with torch_load_weights_only():
+                _, client = self.engine.load_checkpoint(str(engine_dir / UNIVERSAL), tag="state")
+        finally:
+            self.engine._config.load_universal_checkpoint = False  # this learner's own checkpoints stay per-rank
+        self._restore_counters(engine_dir, client)
+        if self.rank == 0:
+            print(f"resharded {directory.name}: saved by {saved['world_size']} ranks, resumed on {self.world_size} "
+                  "with its optimizer state (DeepSpeed universal checkpoint)")  # fmt: skip
 
     def reshard_from(self, directory: Path, saved: dict[str, int]) -> None:
         """Continue from checkpoint `directory` written by another number of ranks: the policy takes its
@@ -357,9 +444,9 @@ class Learner:
         bf16), parameter by parameter as `from_source` loads; the optimizer starts afresh (Adam moments
         zero) and the step counters come from the world record, so the learning-rate schedule continues."""
         if self.config.lora is not None:
-            raise CheckpointError(f"{directory}: learner.reshard_on_resume needs full fine-tuning (the published "
-                                  "weights have the LoRA adapters merged in); resume on "
-                                  f"{saved['world_size']} ranks")  # fmt: skip
+            raise CheckpointError(f"{directory}: learner.reshard_on_resume=weights needs full fine-tuning (the "
+                                  "published weights have the LoRA adapters merged in); resume on "
+                                  f"{saved['world_size']} ranks, or use reshard_on_resume=universal")  # fmt: skip
         from alignment.model_source import lazy_reader
         from base_model.checkpoint import load_config
 

@@ -19,6 +19,8 @@ DEFAULT_LORA_TARGETS = [
     "input_proj", "cond_embed", "mlp.0", "mlp.2", "adaLN_modulation.1", "final_layer.linear",
 ]  # fmt: skip
 
+RESHARD_CHOICES = (False, True, "weights", "universal")  # learner.reshard_on_resume
+
 
 @dataclass
 class LoraConfig:
@@ -48,9 +50,11 @@ class LearnerConfig:
     zero_stage: int = 0  # 0-3
     bf16: bool = False
     gradient_checkpointing: bool = False  # recompute each decoder layer's activations in the backward
-    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step in CPU memory (ZeRO 1-3)
+    offload_optimizer: bool = False  # ZeRO-Offload (ZeRO 1-3): fp32 masters + Adam state stepped in CPU memory
     offload_params: bool = False  # ZeRO-3 parameter partitions in CPU memory, fetched per layer
-    reshard_on_resume: bool = False  # resuming on another number of ranks: published weights + fresh optimizer
+    # resuming on another number of ranks: false stops; "universal" converts the optimizer state (DeepSpeed's
+    # universal checkpoint, ZeRO 1-3); "weights" (or true) takes the published weights with a fresh optimizer
+    reshard_on_resume: bool | str = False
     max_consecutive_nonfinite: int = 3  # more non-finite losses in a row stop the job
     lora: LoraConfig | None = None  # null: full fine-tuning
 
@@ -63,6 +67,16 @@ class LearnerConfig:
             raise ConfigError(f"{where}.offload_optimizer: needs zero_stage 1, 2 or 3 (got 0)")
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError(f"{where}.offload_params: needs zero_stage 3 (got {self.zero_stage})")
+        if self.reshard_on_resume not in RESHARD_CHOICES:
+            raise ConfigError(f"{where}.reshard_on_resume: must be false, true, weights or universal, "
+                              f"got {self.reshard_on_resume!r}")  # fmt: skip
+
+    @property
+    def reshard_mode(self) -> Literal["off", "weights", "universal"]:
+        """How a resume on another number of ranks proceeds (`true` is the older spelling of "weights")."""
+        if isinstance(self.reshard_on_resume, bool):
+            return "weights" if self.reshard_on_resume else "off"
+        return self.reshard_on_resume  # type: ignore[return-value]  (validate: "weights" or "universal")
 
 
 def lr_lambda(config: LearnerConfig) -> Callable[[int], float]:

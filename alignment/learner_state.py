@@ -22,16 +22,26 @@ containers and the three DeepSpeed types of `deepspeed_safe_globals`); anything 
 
 World size: every checkpoint's `engine/world.json` names the ranks that wrote it, its ZeRO stage and the
 step counters. DeepSpeed's ZeRO files are one per rank and cannot be read by another number of ranks:
-`world_size_change` turns that into one CheckpointError line, or (learner.reshard_on_resume) the learner
-restarts its optimizer from the checkpoint's published weights (alignment/learner.py).
+`world_size_change` turns that into one CheckpointError line, unless learner.reshard_on_resume says how to
+go on (alignment/learner.py): "universal" has rank 0 convert the per-rank state once into DeepSpeed's
+universal checkpoint (`convert_to_universal`: one file per parameter and state - fp32 master, Adam's
+exp_avg and exp_avg_sq, step - that any number of ranks re-partitions as it loads), so the optimizer
+state survives; "weights" restarts the optimizer from the checkpoint's published weights. DeepSpeed's
+converter and its universal loader call torch.load(weights_only=False) themselves, outside the checkpoint
+engine: both run inside `torch_load_weights_only`, so the trust rule above holds for them too.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import functools
+import io
 import json
+import os
 import pickle
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -45,6 +55,8 @@ from core.errors import CheckpointError
 from core.files import atomic_write_text
 
 WORLD_RECORD = "world.json"  # in step_N/engine/
+UNIVERSAL = "universal"  # in step_N/engine/: DeepSpeed's universal checkpoint of engine/state, made on a resume
+TORCH_LOAD = torch.load  # the real one, kept while `torch_load_weights_only` stands in for it
 
 
 def deepspeed_safe_globals() -> list[type]:
@@ -66,7 +78,7 @@ def load_weights_only(path: str, map_location: Any = None) -> Any:
     nothing of it runs."""
     try:
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return TORCH_LOAD(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # torch's message spans lines; keep what it refused
         found = re.search(r"GLOBAL (\S+)", str(e))
         detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
@@ -90,6 +102,22 @@ def weights_only_checkpoint_engine() -> type:
             return load_weights_only(path, map_location)
 
     return WeightsOnlyCheckpointEngine
+
+
+@contextlib.contextmanager
+def torch_load_weights_only() -> Iterator[None]:
+    """torch.load is `load_weights_only` for the block, whatever its caller asks: DeepSpeed's universal
+    conversion (deepspeed/checkpoint/ds_to_universal.py) and loading (runtime/base_optimizer.py,
+    runtime/zero/stage3.py) call torch.load(weights_only=False) directly, bypassing the checkpoint engine."""
+
+    def load(f: Any, map_location: Any = None, **_: Any) -> Any:
+        return load_weights_only(f, map_location)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = TORCH_LOAD
 
 
 # -- sharded builds --------------------------------------------------------------------------------
@@ -242,7 +270,61 @@ def world_size_change(step_dir: Path, saved: dict[str, int], world_size: int, ze
     """The one line when a checkpoint's ZeRO state was written by another number of ranks."""
     return CheckpointError(
         f"{step_dir}: saved by {saved['world_size']} ranks (ZeRO-{saved['zero_stage']}), this job runs "
-        f"{world_size} (ZeRO-{zero_stage}); DeepSpeed's per-rank optimizer state cannot be re-split: resume on "
-        f"{saved['world_size']} ranks, or set learner.reshard_on_resume=true to continue from {step_dir.name}'s "
-        "published weights with a fresh optimizer (Adam moments restart)"
+        f"{world_size} (ZeRO-{zero_stage}); DeepSpeed's per-rank optimizer state is not read by another number "
+        f"of ranks: resume on {saved['world_size']} ranks, set learner.reshard_on_resume=universal to convert it "
+        f"(ZeRO 1-3, the optimizer state kept), or learner.reshard_on_resume=true to continue from "
+        f"{step_dir.name}'s published weights with a fresh optimizer (Adam moments restart)"
     )
+
+
+def universal_refusal(step_dir: Path, saved: dict[str, int], zero_stage: int) -> CheckpointError | None:
+    """Why learner.reshard_on_resume=universal cannot resume this checkpoint, as one line (None: it can).
+    DeepSpeed converts ZeRO 1-3 optimizer partitions, and a universal checkpoint is loaded by the stage that
+    wrote it (ZeRO-1/2 and ZeRO-3 keep their model states apart). LoRA runs convert like any other: the
+    universal checkpoint holds the adapters and their Adam state, the frozen base comes from `model` as
+    it does on every resume."""
+    if saved["zero_stage"] == 0:
+        why = "ZeRO-0 state has no partitions for DeepSpeed to convert"
+    elif saved["zero_stage"] != zero_stage:
+        why = f"the checkpoint is ZeRO-{saved['zero_stage']} and this job ZeRO-{zero_stage}; use the same stage"
+    else:
+        return None
+    return CheckpointError(
+        f"{step_dir}: learner.reshard_on_resume=universal: {why}. Resume on {saved['world_size']} ranks, or set "
+        "learner.reshard_on_resume=weights (published weights, fresh optimizer)"
+    )
+
+
+def convert_to_universal(engine_dir: Path) -> Path:
+    """engine_dir/universal: DeepSpeed's universal checkpoint of engine_dir/state, converted by its own
+    ds_to_universal (in this process, every file read weights-only) unless an earlier resume made it.
+    Written as `.universal.tmp-PID` and renamed into place when complete, so a crash or a failure leaves
+    nothing under the final name (and the temporary directory is removed). Rank 0 only; the others wait.
+    A failure is one CheckpointError line."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    final = engine_dir / UNIVERSAL
+    if final.is_dir():
+        return final
+    for stale in engine_dir.glob(f".{UNIVERSAL}.tmp-*"):  # a killed conversion's (the run's lock is held)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = engine_dir / f".{UNIVERSAL}.tmp-{os.getpid()}"
+    # one worker each: conversion stays in this process, where torch.load is ours; inject_missing_state: the
+    # ZeRO-1/2 files hold no universal-checkpoint info (it names tensor/pipeline-parallel layouts we do not use)
+    args = argparse.Namespace(input_folder=str(engine_dir / "state"), output_folder=str(tmp / "state"),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # fmt: skip
+    log = io.StringIO()  # its progress bars and prints: only the one line of a failure reaches the user
+    try:
+        with torch_load_weights_only(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            ds_to_universal.main(args)
+        os.replace(tmp, final)
+    except CheckpointError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as e:  # DeepSpeed's asserts, missing files, a full disk: one line, nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        first = (str(e) or type(e).__name__).splitlines()[0]
+        raise CheckpointError(f"{engine_dir / 'state'}: DeepSpeed could not convert it to a universal checkpoint "
+                              f"({type(e).__name__}: {first})") from None  # fmt: skip
+    return final

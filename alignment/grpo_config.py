@@ -37,6 +37,10 @@ class WeightSyncConfig:
     # size: the two pools' per-actor CPU/GPU summed, fractions of one GPU); the sequence is in jobs/grpo.py.
     # NCCL refuses two ranks on one GPU, so the weights then go over gloo (auto)
     colocated: bool = False
+    # broadcast: learner rank 0 to every worker through a process group (`backend`); ipc (colocated only, as
+    # verl / OpenRLHF): learner rank i fills the same buckets and hands worker i, on its GPU, a CUDA IPC
+    # handle to each (shared memory on a CPU): no copy over a wire, no process group
+    transport: str = "broadcast"
 
     def validate(self, where: str) -> None:
         if self.dtype not in SYNC_DTYPES:
@@ -47,6 +51,8 @@ class WeightSyncConfig:
             raise ConfigError(f"{where}.backend: 'auto', 'gloo' or 'nccl', got {self.backend!r}")
         if not self.timeout_s > 0:
             raise ConfigError(f"{where}.timeout_s: must be > 0, got {self.timeout_s}")
+        if self.transport not in ("broadcast", "ipc"):
+            raise ConfigError(f"{where}.transport: 'broadcast' or 'ipc', got {self.transport!r}")
 
     @property
     def bucket_bytes(self) -> int:
@@ -111,6 +117,7 @@ class GrpoConfig:
         if self.samples_per_prompt < 2:
             raise ConfigError(f"{where}.samples_per_prompt: a group needs >= 2 samples, got {self.samples_per_prompt}")
         self._validate_sizes(where)
+        self.learner.validate(f"{where}.learner")
         check_sequence_fits(self.sampling.max_prompt_tokens, (self.sampling.image_size,) * 2,
                             model_max_positions(self.model), f"{where}.sampling.max_prompt_tokens")  # fmt: skip
         if self.clip_eps is not None and self.clip_eps <= 0:
@@ -150,6 +157,9 @@ class GrpoConfig:
         if learners.kind == "ray" and rollout.kind != "ray":
             raise ConfigError(f"{where}.rollout.pool.kind: learner ranks on Ray broadcast weights to rollout workers "
                               "in processes of their own; set rollout.pool.kind: ray")  # fmt: skip
+        if self.weight_sync.transport == "ipc" and not self.weight_sync.colocated:
+            raise ConfigError(f"{where}.weight_sync.transport: ipc hands learner rank i's buckets to the rollout "
+                              "worker on its GPU; needs weight_sync.colocated: true")  # fmt: skip
         if not self.weight_sync.colocated:
             return
         if learners.kind != "ray" or learners.num_workers != rollout.num_workers:

@@ -7,6 +7,18 @@ runs the same function on the same rollout batch and keeps its data-parallel sha
 batches (`micro_share`); DeepSpeed averages the gradients, the Learner the metrics, and both equal the
 one-rank update (the weights of `micro_share` make them so for any number of micro batches).
 Weights then go from learner rank 0 to every `SyncedRolloutWorker` through alignment/weight_sync.py.
+
+A rollout worker that dies is replaced by its pool (core/pools.py), but the replacement is in no weight
+group and holds no policy (`SyncedRolloutWorker.policy_version` -1). `RemoteLearner.sync_weights` sees
+the pool's restart count move, forms a new group of rank 0 and every worker (survivors drop the old one)
+and sends the current version; a worker that dies during a sync fails the broadcast for everyone
+(`GroupBroken`), and the sync is re-formed and sent again, as long as the pool has restarts left. The
+job (jobs/grpo.py) re-samples whatever a replacement produced before it had the policy.
+
+Colocated with `weight_sync.transport: ipc` there is no weight group: every learner rank walks the policy
+into the same buckets and hands each, by a CUDA IPC (CPU: shared-memory) handle, to the worker on its own
+GPU (`RemoteLearner.hand_over`), one bucket at a time, each rank's buffer refilled only once its worker has
+copied the last one. A worker replaced meanwhile is simply handed the whole policy again.
 """
 
 from __future__ import annotations
@@ -19,14 +31,26 @@ import torch
 
 from alignment.grpo_config import GrpoConfig
 from alignment.learner import Learner, NonFiniteLossError, StepResult
+from alignment.learner_state import iter_policy
 from alignment.losses import group_advantages, keep_groups
 from alignment.model_source import open_model
 from alignment.objectives import GrpoMicroBatch, grpo_objective, reference_means
 from alignment.train_parts import soft_value_phase, train_weights
-from alignment.weight_sync import WeightGroup
+from alignment.weight_sync import (
+    GroupBroken,
+    Slot,
+    WeightGroup,
+    check_layout,
+    copy_into,
+    fill_buckets,
+    open_bucket,
+    plan_buckets,
+    share_bucket,
+)
 from base_model.checkpoint import NextStepBundle, save_published
 from base_model.model import NextStepModel
 from core.placement import SharedBundles
+from core.pools import WorkerLostError
 from core.rank_group import RankGroup
 from rollout.batch import RolloutBatch
 from rollout.worker import GrpoRolloutWorker
@@ -127,6 +151,7 @@ class GrpoLearnerRank:
                                            where=source.where)  # fmt: skip
         self.bundle = source.bundle(self.learner.model)
         self.weights: WeightGroup | None = None
+        self.buckets = None  # an ipc hand-over's buckets, between `start_hand_over` and `end_hand_over`
 
     def loss_fn(self, model: NextStepModel, mb: GrpoMicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
         return grpo_loss(self.config, self.bundle, self.learner, model, mb)
@@ -141,26 +166,59 @@ class GrpoLearnerRank:
         return RankStep(result, learner.num_skipped)
 
     def host_weight_store(self, host: str, world_size: int, timeout_s: float) -> int | None:
-        """Rank 0: the weight group's store on `host`; returns its port (other ranks: None)."""
+        """Rank 0: a fresh weight group's store on `host` (the group it was in, if any, closed); returns its
+        port (other ranks: None)."""
         if self.learner.rank != 0:
             return None
+        if self.weights is not None:
+            self.weights.close()
         self.weights = WeightGroup.host_store(host, world_size, timeout_s)
         return self.weights.port
 
     def join_weight_group(self, backend: str) -> int | None:
-        return self.weights.join(backend) if self.weights is not None else None
+        """Rank 0: its rank in the group (0), or None if the rendezvous failed (a worker never came)."""
+        if self.weights is None:
+            return None
+        try:
+            return self.weights.join(backend)
+        except torch.distributed.DistError:  # the store's timeout: a member died before joining
+            self.weights.close()
+            return None
 
-    def send_weights(self, dtype: str, bucket_bytes: int) -> int:
+    def send_weights(self, dtype: str, bucket_bytes: int) -> int | None:
         """Every rank walks the policy tensor by tensor on its device (gathers are collective under ZeRO-3);
         rank 0 copies each tensor into the weight group's bucket as it comes and broadcasts each full bucket,
-        so no rank holds the whole policy. Returns the bytes sent (other ranks: 0)."""
+        so no rank holds the whole policy. Returns the bytes sent (other ranks: 0); None if the broadcast
+        failed (a worker died: rank 0 has closed the group)."""
         stream = self.learner.iter_policy(getattr(torch, dtype))
-        if self.weights is None:
+        if self.weights is None or self.weights.group is None:  # rank 0 in no group: after a failed rendezvous
             for _ in stream:  # ranks other than 0: their part of every gather; nothing is yielded
                 pass
-            return 0
+            return 0 if self.learner.rank != 0 else None
         shapes = self.learner.policy_shapes()
-        return self.weights.send_stream(shapes, stream, getattr(torch, dtype), bucket_bytes, self.learner.device)
+        try:
+            return self.weights.send_stream(shapes, stream, getattr(torch, dtype), bucket_bytes, self.learner.device)
+        except GroupBroken:
+            return None
+
+    def start_hand_over(self, dtype: str, bucket_bytes: int) -> list[list[Slot]]:
+        """Colocated ipc: this rank's own walk of the policy (keep on every rank: each has every full tensor
+        in turn, the ZeRO-3 gathers being collective) into the buckets of the plan it returns."""
+        sync_dtype = getattr(torch, dtype)
+        itemsize = torch.empty((), dtype=sync_dtype).element_size()
+        plan = plan_buckets(self.learner.policy_shapes(), itemsize, bucket_bytes)
+        stream = iter_policy(self.learner.engine.module, sync_dtype, self.learner.device, keep=True)
+        self.buckets = fill_buckets(plan, stream, sync_dtype, bucket_bytes, self.learner.device)
+        return plan
+
+    def next_bucket_handle(self) -> tuple:
+        """The walk's next bucket, as a handle for the worker on this GPU; valid until the next call."""
+        return share_bucket(next(self.buckets))
+
+    def end_hand_over(self) -> None:
+        """Once the worker has copied the last bucket: the walk run to its end, its buffer let go."""
+        next(self.buckets, None)
+        self.buckets = None
 
     def save(self, step_dir: Path, dtype: torch.dtype | None) -> None:
         """A checkpoint's learner part: rank 0 the published model, every rank its DeepSpeed state."""
@@ -187,22 +245,80 @@ class RemoteLearner:
         self.config = config
         self.ranks = RankGroup(GrpoLearnerRank, (config,), config.learner_pool, where="learner_pool", bundles=bundles)
         self.num_skipped = 0
+        # the rollout pool's restart count when its workers last formed a weight group (ipc: were last handed
+        # a policy); None before the first sync
+        self.synced_restarts: int | None = None
 
-    def open_weight_group(self, rollout_pool) -> None:
-        """Learner rank 0 + every rollout worker: rank 0 hosts the store on its node, all join at once."""
-        sync = self.config.weight_sync
-        world = 1 + rollout_pool.num_workers
-        port = self.ranks.call_all("host_weight_store", self.ranks.master_addr, world, sync.timeout_s)[0]
-        pending = self.ranks.submit("join_weight_group", self.config.sync_backend)
-        rollout_pool.call_all("join_weight_group", self.ranks.master_addr, port, world, self.config.sync_backend,
-                              sync.timeout_s)  # fmt: skip
-        self.ranks.collect(pending)
+    def workers_replaced(self, rollout_pool) -> bool:
+        """A rollout worker replaced since the last group formed or hand-over began (or no sync yet): the
+        replacement lacks the current policy, and with a broadcast it is in no weight group."""
+        return self.synced_restarts != rollout_pool.num_restarts
 
     def sync_weights(self, rollout_pool, version: int) -> int:
-        """Every rank gathers, rank 0 broadcasts, the workers receive (all at once); returns the bytes sent."""
+        """Policy `version` to every rollout worker; returns the bytes sent (the policy in the sync dtype,
+        once). A worker that dies in the sync (the pool replaces it) or before it (its replacement is in no
+        weight group) has the sync done again from scratch, until the pool runs out of restarts: then one
+        WorkerLostError."""
+        while True:
+            try:
+                sent = self.try_sync(rollout_pool, version)
+            except WorkerLostError as e:
+                raise WorkerLostError(f"weight sync of policy {version}: a rollout worker died and rollout.pool has "
+                                      f"no restarts left (max_restarts: {self.config.rollout.pool.max_restarts}); "
+                                      "the run stops, and resumes from latest when started again") from e  # fmt: skip
+            if sent is not None:
+                return sent
+            if not self.workers_replaced(rollout_pool):  # no worker was lost: trying again would fail again
+                raise RuntimeError(f"weight sync of policy {version} failed with every rollout worker alive "
+                                   f"(weight_sync.timeout_s: {self.config.weight_sync.timeout_s})")  # fmt: skip
+
+    def try_sync(self, rollout_pool, version: int) -> int | None:
+        """One attempt of `sync_weights`: the bytes sent, or None if a worker died."""
+        if self.config.weight_sync.transport == "ipc":  # no group: a hand-over reaches whichever workers there are
+            self.synced_restarts = rollout_pool.num_restarts
+            return self.hand_over(rollout_pool, version)
+        if self.workers_replaced(rollout_pool) and not self.open_weight_group(rollout_pool):
+            return None
+        return self.send_weights(rollout_pool, version)
+
+    def open_weight_group(self, rollout_pool) -> bool:
+        """Learner rank 0 + every rollout worker: rank 0 hosts a fresh store on its node, every worker drops
+        the group it was in, all join at once. False when a worker died meanwhile (the pool replaced it)."""
+        sync, backend = self.config.weight_sync, self.config.sync_backend
+        world = 1 + rollout_pool.num_workers
+        rollout_pool.call_all_or_replace("pid")  # a worker that died idle is replaced before, not in, the rendezvous
+        if self.synced_restarts is not None:
+            print(f"grpo: weight group formed again ({rollout_pool.num_restarts} rollout worker(s) replaced so far)")
+        self.synced_restarts = rollout_pool.num_restarts
+        port = self.ranks.call_all("host_weight_store", self.ranks.master_addr, world, sync.timeout_s)[0]
+        pending = self.ranks.submit("join_weight_group", backend)
+        joined = rollout_pool.call_all_or_replace("join_weight_group", self.ranks.master_addr, port, world, backend,
+                                                  sync.timeout_s)  # fmt: skip
+        return self.ranks.collect(pending)[0] is not None and None not in joined
+
+    def send_weights(self, rollout_pool, version: int) -> int | None:
+        """Every rank gathers, rank 0 broadcasts, the workers receive (all at once); returns the bytes sent,
+        or None if the broadcast failed (a worker died in it, or was not in the group)."""
         pending = self.ranks.submit("send_weights", self.config.sync_dtype, self.config.weight_sync.bucket_bytes)
-        rollout_pool.call_all("receive_weights", version)
-        return self.ranks.collect(pending)[0]
+        received = rollout_pool.call_all_or_replace("receive_weights", version)
+        sent = self.ranks.collect(pending)[0]
+        return sent if None not in received else None
+
+    def hand_over(self, rollout_pool, version: int) -> int | None:
+        """Colocated ipc: learner rank i walks the policy into buckets and hands each, by handle, to rollout
+        worker i on its GPU, bucket by bucket in lockstep; returns the bytes a worker copied (the policy in the
+        sync dtype), or None if a worker died or (a replacement) missed a bucket. The walk runs to its end: the
+        ranks' ZeRO-3 gathers are collective."""
+        plan = self.ranks.call_all("start_hand_over", self.config.sync_dtype, self.config.weight_sync.bucket_bytes)
+        whole = None not in rollout_pool.call_all_or_replace("start_hand_over", plan[0])
+        copied = 0
+        for index in range(len(plan[0])):
+            handles = self.ranks.call_all("next_bucket_handle")  # rank i's, for worker i
+            took = rollout_pool.call_each_or_replace("take_bucket", [(version, index, h) for h in handles])
+            whole = whole and None not in took
+            copied += took[0] or 0
+        self.ranks.call_all("end_hand_over")
+        return copied if whole else None
 
     def update(self, step: int, batch: RolloutBatch, rewards: torch.Tensor, values: torch.Tensor | None) -> StepResult:
         first: RankStep = self.ranks.call_all("update", step, batch, rewards, values)[0]
@@ -229,16 +345,55 @@ class SyncedRolloutWorker(GrpoRolloutWorker):
 
     weight_group: WeightGroup | None = None
 
-    def join_weight_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> int:
-        self.weight_group = WeightGroup.connect(host, port, world_size, timeout_s)
-        return self.weight_group.join(backend)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.policy_version = -1  # no policy from the learner yet (its model is not the learner's bf16 copy)
+        self.hand_over_plan: list[list[Slot]] | None = None  # ipc: the buckets of a hand-over under way
+        self.next_bucket = 0
 
-    def receive_weights(self, version: int) -> int:
-        """The policy broadcast by learner rank 0, into this worker's model in place; returns the bytes."""
-        if self.weight_group is None:  # e.g. a replacement for a dead worker: a group cannot be rejoined
-            raise RuntimeError("this rollout worker is in no weight group (a replacement worker cannot join a "
-                               "running one); restart the run: it resumes from latest")  # fmt: skip
-        received = self.weight_group.receive(self.bundle.model.state_dict(), self.device)
+    def join_weight_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> int | None:
+        """Drop the group this worker was in (if any), join the one at host:port; its rank, or None if the
+        rendezvous failed (a member never came)."""
+        if self.weight_group is not None:
+            self.weight_group.close()
+        self.weight_group = WeightGroup.connect(host, port, world_size, timeout_s)
+        try:
+            return self.weight_group.join(backend)
+        except torch.distributed.DistError:
+            self.weight_group.close()
+            return None
+
+    def start_hand_over(self, plan: list[list[Slot]]) -> bool:
+        """Colocated ipc: the buckets to come, checked against this worker's model."""
+        check_layout(plan, self.bundle.model.state_dict())
+        self.hand_over_plan, self.next_bucket, self.policy_version = plan, 0, -1
+        return True
+
+    def take_bucket(self, version: int, index: int, handle: tuple) -> int | None:
+        """Bucket `index` of policy `version` from the learner rank on this GPU, mapped by its handle and
+        copied into the model in place; returns its bytes, or None if this worker missed an earlier bucket
+        (a replacement that came mid-way). The last bucket makes `version` this worker's."""
+        if self.hand_over_plan is None or index != self.next_bucket:
+            return None
+        flat = open_bucket(handle, self.device)
+        copy_into(self.bundle.model.state_dict(), flat, self.hand_over_plan[index])
+        if flat.is_cuda:  # copied before the rank refills its buffer
+            torch.cuda.current_stream(flat.device).synchronize()
+        self.next_bucket += 1
+        if self.next_bucket == len(self.hand_over_plan):
+            self.hand_over_plan, self.policy_version = None, version
+        return flat.numel() * flat.element_size()
+
+    def receive_weights(self, version: int) -> int | None:
+        """The policy broadcast by learner rank 0, into this worker's model in place; returns the bytes, or
+        None if the broadcast failed: the model is then part old, part new (version -1 until the next)."""
+        if self.weight_group is None or self.weight_group.group is None:
+            raise RuntimeError("receive_weights: this rollout worker is in no weight group")
+        try:
+            received = self.weight_group.receive(self.bundle.model.state_dict(), self.device)
+        except GroupBroken:
+            self.policy_version = -1
+            return None
         self.policy_version = version
         return received
 

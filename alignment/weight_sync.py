@@ -12,11 +12,26 @@ object store never holds a weight: what the driver passes around is a host, a po
 
 The layout (names, shapes, bucket boundaries) is rank 0's to decide: it is published once in the store
 as JSON before the first bucket, and every worker checks it against its own model before receiving.
+
+A group is never repaired, only re-formed: a process group's members are fixed when it forms, so a worker
+that dies (and the fresh one that replaces it) leaves the group useless. A broadcast that fails raises
+`GroupBroken` in every member that sees it, after the member has closed its side (`close` aborts the
+connections, so a member waiting on it fails at once instead of at the timeout); rank 0 also runs its
+stream to the end first (its ZeRO-3 gathers are collective with the other learner ranks). The driver then
+forms a new group: rank 0 hosts a fresh store, every worker, old and new, drops its group and joins.
+
+Colocated (`weight_sync.transport: ipc`, as verl and OpenRLHF hand weights over): learner rank i and rollout
+worker i share one GPU, and every learner rank has each full tensor in turn (a ZeRO-3 gather is collective),
+so rank i fills the same buckets itself and hands worker i a small handle to each one (`share_bucket`:
+torch's CUDA IPC handle, or on a CPU the shared-memory file the bucket lives in); the worker maps it
+(`open_bucket`) and copies the slices into its model. The bytes never leave the device and no process
+group is involved. The handle travels however the caller likes (through Ray): it is plain data.
 Pure torch: no Ray, no DeepSpeed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from datetime import timedelta
@@ -138,6 +153,52 @@ def copy_into(targets: dict[str, torch.Tensor], flat: torch.Tensor, slots: list[
             targets[name].copy_(view)
 
 
+def check_layout(plan: list[list[Slot]], targets: dict[str, torch.Tensor]) -> None:
+    """The learner's bucket plan against a worker's own tensors: the same names and shapes, or one line."""
+    sent = {s.name: tuple(s.shape) for b in plan for s in b}
+    missing = [k for k in targets if k not in sent]
+    unexpected = [k for k in sent if k not in targets]
+    wrong = [k for k in sent if k in targets and tuple(targets[k].shape) != sent[k]]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"weight group: the learner's policy does not match the rollout model ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(wrong)} mis-shaped; first: {(missing + unexpected + wrong)[0]})"
+        )
+
+
+def share_bucket(flat: torch.Tensor) -> tuple:
+    """A small picklable handle to `flat` [n] for another process on this host (`open_bucket`), built by
+    torch's own reductions (torch.multiprocessing.reductions): CUDA, an IPC handle to its device memory; CPU,
+    the shared-memory file its storage is moved to (the `file_system` strategy, which any process can open,
+    unlike a file descriptor). The sender keeps `flat` alive and unchanged until the receiver has copied it."""
+    from torch.multiprocessing import get_sharing_strategy, set_sharing_strategy
+    from torch.multiprocessing.reductions import reduce_storage, reduce_tensor
+
+    if flat.is_cuda:
+        torch.cuda.current_stream(flat.device).synchronize()  # filled before the other process reads it
+        return ("cuda", *reduce_tensor(flat))
+    previous = get_sharing_strategy()
+    set_sharing_strategy("file_system")
+    try:
+        storage = reduce_storage(flat.untyped_storage())  # (rebuild, args): a file name, not the bytes
+    finally:
+        set_sharing_strategy(previous)
+    dtype = str(flat.dtype).removeprefix("torch.")
+    return ("cpu", storage, dtype, flat.storage_offset(), tuple(flat.shape), flat.stride())
+
+
+def open_bucket(handle: tuple, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The sender's bucket of a `share_bucket` handle, mapped (no copy); CUDA on this process's `device`
+    (the same GPU, which each colocated actor may number differently)."""
+    if handle[0] == "cuda":
+        rebuild, args = handle[1], list(handle[2])
+        index = torch.device(device).index
+        args[6] = index if index is not None else torch.cuda.current_device()  # rebuild_cuda_tensor's device
+        return rebuild(*args)
+    _, (rebuild, args), dtype, offset, shape, stride = handle
+    return torch.empty(0, dtype=getattr(torch, dtype)).set_(rebuild(*args), offset, shape, stride)
+
+
 def state_bytes(state: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
     """Bytes of `state` in `dtype`: sum of numel x itemsize."""
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -147,6 +208,11 @@ def state_bytes(state: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
 def backend_for(device: str) -> str:
     """nccl for CUDA devices, gloo otherwise."""
     return "nccl" if str(device).startswith("cuda") else "gloo"
+
+
+class GroupBroken(RuntimeError):
+    """A broadcast of the weight group failed (a member died or closed its side); this member's side is
+    closed: the group must be formed anew."""
 
 
 class WeightGroup:
@@ -220,10 +286,15 @@ class WeightGroup:
         if dtype != self.dtype:
             raise RuntimeError(f"weight group: layout published in {self.dtype}, asked to send {dtype}")
         sent = 0
-        for flat in fill_buckets(self.layout, stream, dtype, bucket_bytes, device):
-            self.group.broadcast(flat.view(torch.uint8), 0).wait()  # bytes: any dtype, any backend
-            sent += flat.numel() * flat.element_size()
-            del flat  # a tensor sent as itself is dropped before the stream makes the next one
+        try:
+            for flat in fill_buckets(self.layout, stream, dtype, bucket_bytes, device):
+                self.broadcast(flat.view(torch.uint8))  # bytes: any dtype, any backend
+                sent += flat.numel() * flat.element_size()
+                del flat  # a tensor sent as itself is dropped before the stream makes the next one
+        except GroupBroken:
+            for _ in stream:  # the other learner ranks still gather every tensor with this one
+                pass
+            raise
         return sent
 
     def publish_layout(self, shapes: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, bucket_bytes: int) -> None:
@@ -238,15 +309,7 @@ class WeightGroup:
         plan = json.loads(self.store.get(self.LAYOUT_KEY))
         self.dtype = getattr(torch, plan["dtype"])
         self.layout = [[Slot(n, tuple(s), o) for n, s, o in b] for b in plan["buckets"]]
-        sent = {s.name: s.shape for b in self.layout for s in b}
-        missing = [k for k in targets if k not in sent]
-        unexpected = [k for k in sent if k not in targets]
-        wrong = [k for k in sent if k in targets and tuple(targets[k].shape) != sent[k]]
-        if missing or unexpected or wrong:
-            raise CheckpointError(
-                f"weight group: the learner's policy does not match the rollout model ({len(missing)} missing, "
-                f"{len(unexpected)} unexpected, {len(wrong)} mis-shaped; first: {(missing + unexpected + wrong)[0]})"
-            )
+        check_layout(self.layout, targets)
 
     def receive(self, targets: dict[str, torch.Tensor], device: str = "cpu") -> int:
         """A worker: every bucket into `targets` (name -> tensor, e.g. `model.state_dict()`), in place;
@@ -258,7 +321,24 @@ class WeightGroup:
         received = 0
         for slots in self.layout:
             flat = torch.empty(bucket_numel(slots) * itemsize, dtype=torch.uint8, device=device)
-            self.group.broadcast(flat, 0).wait()
+            self.broadcast(flat)
             copy_into(targets, flat.view(self.dtype), slots)
             received += flat.numel()
         return received
+
+    def broadcast(self, flat: torch.Tensor) -> None:
+        """One bucket (uint8 [n]) from rank 0 to every member; a failure closes this member's side and
+        raises `GroupBroken`."""
+        try:
+            self.group.broadcast(flat, 0).wait()
+        except RuntimeError as e:  # gloo / nccl: a peer's connection closed, or the timeout passed
+            self.close()
+            raise GroupBroken(f"weight group: broadcast failed at rank {self.rank} ({e})") from e
+
+    def close(self) -> None:
+        """Leave the group: abort its connections (members blocked on this one fail at once) and drop it
+        and the store (rank 0's store goes down with it). Safe to call twice."""
+        if self.group is not None:
+            with contextlib.suppress(RuntimeError):  # nothing left to abort on a broken group
+                self.group.abort()
+        self.group, self.store = None, None

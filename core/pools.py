@@ -7,6 +7,10 @@ Both pools have the same small interface, so a job never knows which one it driv
                                               each worker kept busy, inputs read lazily;
   call_all(method, *args, sticky=False)       the same call on every worker (e.g. new weights);
                                               sticky calls are replayed on replacement workers;
+  call_all_or_replace(method, *args)          the same call on every worker, once; a worker that
+                                              dies in it is replaced and its result is None;
+  call_each_or_replace(method, [args, ...])   the same, with worker i's own args;
+  num_restarts                                workers replaced so far;
   shutdown()                                  release the workers.
 Fault tolerance (RayPool): a worker whose process dies is replaced by a fresh one (its constructor
 runs again, then the sticky calls), at most `max_restarts` times per pool, and the calls it held are
@@ -77,6 +81,8 @@ class PoolConfig:
 class LocalPool:
     """`num_workers` instances of `worker_cls` in this process; calls run one after another."""
 
+    num_restarts = 0  # workers replaced so far (RayPool's count; in-process workers never die)
+
     def __init__(self, worker_cls: type, args: tuple = (), kwargs: dict | None = None, num_workers: int = 1):
         self.workers = [worker_cls(*args, **(kwargs or {})) for _ in range(num_workers)]
 
@@ -95,6 +101,14 @@ class LocalPool:
     def call_all(self, method: str, *args: Any, sticky: bool = False, **kwargs: Any) -> list[Any]:
         """The same call on every worker; one result per worker (in-process workers never die)."""
         return [getattr(w, method)(*args, **kwargs) for w in self.workers]
+
+    def call_all_or_replace(self, method: str, *args: Any) -> list[Any]:
+        """`call_all`: nobody dies in-process, so nobody is replaced."""
+        return self.call_all(method, *args)
+
+    def call_each_or_replace(self, method: str, arg_tuples: list[tuple]) -> list[Any]:
+        """`method(*arg_tuples[i])` on worker i."""
+        return [getattr(w, method)(*args) for w, args in zip(self.workers, arg_tuples, strict=True)]
 
     @property
     def num_workers(self) -> int:
@@ -332,6 +346,29 @@ class RayPool:
         if sticky:
             self._sticky[method] = (args, kwargs)
         return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
+
+    def call_all_or_replace(self, method: str, *args: Any) -> list[Any]:
+        """The same call on every actor, once: a worker that dies in it is replaced (as in `imap_unordered`;
+        WorkerLostError past the restart budget) and its result is None. The call is not re-run on the
+        replacement: it may be one side of a collective (a weight broadcast) the others have left."""
+        return self.call_each_or_replace(method, [args] * len(self.actors))
+
+    def call_each_or_replace(self, method: str, arg_tuples: list[tuple]) -> list[Any]:
+        """`method(*arg_tuples[i])` on worker i (one per worker: what only worker i can use, e.g. a handle to
+        memory on its GPU), once, as `call_all_or_replace`."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        calls = [(slot, self.generation[slot], getattr(a, method).remote(*args))
+                 for slot, (a, args) in enumerate(zip(self.actors, arg_tuples, strict=True))]  # fmt: skip
+        results = []
+        for slot, generation, ref in calls:
+            try:
+                results.append(ray.get(ref))
+            except RayActorError as e:
+                self._replace(slot, generation, e)
+                results.append(None)
+        return results
 
     def placements(self) -> list[ActorPlacement]:
         """Where Ray runs each worker (placement group, bundle, node, GPU ids), in worker order."""

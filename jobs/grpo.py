@@ -21,11 +21,18 @@ share of the micro batches. New weights go to the rollout workers cast to the sy
 rank 0 by torch.distributed broadcast in flat buckets (alignment/weight_sync.py), never through the Ray
 object store; in-process, by value. `sync/seconds`, `sync/bytes` and `sync/fraction_of_step` are logged.
 
+A rollout worker that dies (Ray) is replaced by its pool and the run goes on with the batch it would have
+drawn: the replacement first gets the current policy (in-process learner: the pool replays the last
+`load_weights`; learner ranks: a new weight group or hand-over, alignment/grpo_learner.py), and what it sampled
+before that is thrown away and sampled again (`rollout`, `continue_on_policy`): a sample is a function of
+its prompt id, index, seed and the weights alone. At most `rollout.pool.max_restarts` per run.
+
 Colocated (`weight_sync.colocated: true`, as verl and OpenRLHF offer): learner rank i and rollout worker i
 time-share one GPU. One placement group holds N bundles of both actors' CPU/GPU summed (core/pools.py
 `reserve_shared`); both are scheduled into bundle i, which setup checks from where Ray says each actor runs,
 and the job releases the group after both pools. The weight group then uses gloo (NCCL refuses two ranks
-on one GPU). Each step, in order:
+on one GPU), or with `weight_sync.transport: ipc` there is none: learner rank i hands worker i a CUDA IPC
+handle to each bucket it fills (verl / OpenRLHF's hand-over). Each step, in order:
   1. rollouts (and soft-value continuations): the learner holds its ZeRO shard of weights (plus, unless
      `learner.offload_optimizer`, its optimizer state) but no cached blocks;
   2. rewards (their own pool);
@@ -107,7 +114,6 @@ class GrpoTrainer(Trainer):
             self.learner = self.remote = RemoteLearner(config, self.shared)
             if self.shared is not None:
                 self.check_colocated()
-            self.remote.open_weight_group(self.rollout_pool)
             tokenizer = open_model(config.model, seed=config.seed).tokenizer
         else:
             torch.manual_seed(config.seed)
@@ -131,7 +137,7 @@ class GrpoTrainer(Trainer):
     def opened(self, resumed_from: Path | None) -> None:
         if resumed_from is not None:
             self.reward_pool.call_all("load_state_dict", self.state.reward_state)
-        self.sync_weights()  # rollout workers start from the learner's weights (fresh or resumed)
+        self.sync_weights()  # rollout workers start from the learner's weights (fresh or resumed; forms the group)
         if self.shared is not None:  # the first rollouts find the learner's cache empty
             self.release_learner()
 
@@ -203,13 +209,19 @@ class GrpoTrainer(Trainer):
         return [self.prompts[i] for i in order]
 
     def rollout(self, prompts: list[Prompt]) -> RolloutBatch:
-        seed = rollout_seed(self.config.seed, self.state.step)
+        """G samples of each prompt, in chunks of whole prompts over the rollout workers; a chunk sampled by a
+        worker without the current policy (a dead worker's replacement) is sampled again once it has it."""
+        seed, version = rollout_seed(self.config.seed, self.state.step), self.state.policy_version
         chunks = split_prompts(prompts, self.config.rollout.pool.num_workers)
-        batch = RolloutBatch.concat(self.rollout_pool.map("rollout_step", [(c, self.config.samples_per_prompt, seed)
-                                                                           for c in chunks]))  # fmt: skip
-        if batch.policy_version != self.state.policy_version:
-            raise RuntimeError(f"rollout used policy {batch.policy_version}, expected {self.state.policy_version}")
-        return batch
+        calls = [(c, self.config.samples_per_prompt, seed) for c in chunks]
+        parts = self.rollout_pool.map("rollout_step", calls)
+        while stale := [i for i, part in enumerate(parts) if part.policy_version != version]:
+            self.resync_replaced(f"rollout used policy {parts[stale[0]].policy_version}, expected {version}")
+            print(f"grpo: step {self.state.step}: {len(stale)} rollout chunk(s) sampled without policy {version} "
+                  "(a replaced worker); sampling them again")  # fmt: skip
+            for i, part in zip(stale, self.rollout_pool.map("rollout_step", [calls[i] for i in stale])):
+                parts[i] = part
+        return RolloutBatch.concat(parts)
 
     def score(self, batch: RolloutBatch) -> RewardOutput:
         return self._score(batch.images, batch.prompts, self.config.samples_per_prompt)
@@ -234,10 +246,30 @@ class GrpoTrainer(Trainer):
         prefixes = batch.tokens[:, : part.prefix].repeat_interleave(c, dim=0)  # [B*C, m, 64]
         group = self.config.samples_per_prompt * c  # a prompt's continuations stay on one worker
         chunks = group_chunks(b * c, group, self.config.rollout.pool.num_workers)
-        images = torch.cat(self.rollout_pool.map("continue_prefixes", [(prompts[s:e], prefixes[s:e], seeds[s:e])
-                                                                       for s, e in chunks]))  # fmt: skip
+        images = torch.cat(self.continue_on_policy([(prompts[s:e], prefixes[s:e], seeds[s:e]) for s, e in chunks]))
         rewards = self._score(images, prompts, group).scores.reshape(b, c)  # [B, C]
         return prefix_values(rewards, part.soft_value_eta)
+
+    def continue_on_policy(self, calls: list[tuple]) -> list[torch.Tensor]:
+        """`continue_prefixes` over the rollout pool, on workers that all hold the current policy: its images
+        carry no version, so if a worker was replaced before or during the map, the policy is sent again
+        (a new weight group) and every call is run again."""
+        while True:
+            if self.remote is not None and self.remote.workers_replaced(self.rollout_pool):
+                self.sync_weights()
+            restarts = self.rollout_pool.num_restarts
+            images = self.rollout_pool.map("continue_prefixes", calls)
+            if self.remote is None or self.rollout_pool.num_restarts == restarts:  # in-process: weights replayed
+                return images
+            print(f"grpo: step {self.state.step}: a rollout worker was replaced during the continuations; "
+                  "continuing every prefix again")  # fmt: skip
+
+    def resync_replaced(self, problem: str) -> None:
+        """After a rollout worker was replaced: the current policy to every worker again (a new weight group).
+        Anything else (in-process, the pool replays the weights to a replacement) is `problem`, raised."""
+        if self.remote is None or not self.remote.workers_replaced(self.rollout_pool):
+            raise RuntimeError(problem)
+        self.sync_weights()
 
     def update(self, batch: RolloutBatch, rewards: torch.Tensor, values: torch.Tensor | None = None) -> StepResult:
         """`inner_epochs` updates on rewards [B] (or soft values [B]): alignment/grpo_learner.py, here or on

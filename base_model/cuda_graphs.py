@@ -13,6 +13,22 @@ differs a little reuse one captured runner (slots past the query are causally ma
 One runner per model is kept between calls (its KV cache is most of its memory); a batch of other
 shapes or settings, or moved weights (new data pointers), builds a new one. Weights loaded in place
 (`copy_`, as weight sync does) are seen by the captured graphs.
+
+`sampling.compile` wraps the head net (`model.velocity`: called K times per token with the same shapes,
+t a tensor, so one graph serves every step whatever K) and the whole decode step in torch.compile
+(inductor, static shapes) before they are run or captured: on CUDA the graphs then replay inductor's
+fused kernels (norms, modulations, RoPE and activations fuse; the matmuls stay cuBLAS). The head's
+few elementwise SDE ops per step stay eager: compiling the unrolled K-step loop instead would make
+compile time grow with K (minutes at K = 50), for a few small kernels. We use inductor's default mode, not
+"reduce-overhead": that mode's own CUDA graphs (cudagraph trees) would nest inside our capture, keep a
+second memory pool and copy inputs into it, while our StaticCall already owns the static buffers and the
+replay. So one switch (cuda_graphs) decides graphs and the other (compile) kernels, and the CPU runs
+(tests) the very compiled code the GPU captures. Compiles follow shapes, not runners or tokens: the
+head net compiles once per row count, the decode step once per (rows, cache length), and a runner
+whose shapes were seen before reuses them (its layers are unrolled: compile time grows with depth).
+Dynamo's recompile_limit (8 per function) holds: a ninth shape runs eagerly, with dynamo's warning.
+`sampling.attention` (grouped SDPA or flash, base_model/flash_attention.py) is switched around the
+whole call, so the prompt pass, the compiled code and the captured graphs all use it.
 """
 
 from __future__ import annotations
@@ -24,6 +40,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from base_model.flash_attention import sampling_attention
 from base_model.flow import PublishedNoise, counter_noise, num_sde_steps, time_grid
 from base_model.model import KVCache, NextStepModel
 from base_model.sampler import SampleResult, SamplingConfig, sample_token, token_norm
@@ -38,6 +55,22 @@ def use_cuda_graphs(setting: bool | None, device: torch.device) -> bool:
     if setting and device.type != "cuda":
         raise ConfigError(f"sampling.cuda_graphs: true needs a CUDA device, the model is on {device}")
     return device.type == "cuda" if setting is None else bool(setting)
+
+
+COMPILE_BACKEND = "inductor"  # tests swap in "aot_eager" (same tracing, no code generation: seconds, not minutes)
+
+
+def compile_static(fn: Callable) -> Callable:
+    """torch.compile for a static-shape call: inductor's default mode (see the module docstring),
+    dynamic=False so that a second batch shape compiles a second static graph, never a dynamic one."""
+    return torch.compile(fn, dynamic=False, backend=COMPILE_BACKEND)
+
+
+def compiled_velocity(model: NextStepModel) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """model.velocity compiled, fed contiguous x: step 0's x^0 is a strided view of the noise, the
+    others are not, and a stride is part of a compiled graph's guards (a copy here, not a recompile)."""
+    compiled = compile_static(model.velocity)
+    return lambda x, t, cond: compiled(x.contiguous(), t, cond)
 
 
 class StaticCall:
@@ -94,15 +127,17 @@ class StaticRunner:
         self.streams = torch.arange(c.num_head_steps + 1, device=dev)  # x^0, then one per head step
         self.noise = (torch.zeros((key.num_prompts, 1 + self.num_scored, cfg.token_dim), device=dev)
                       if c.noise == "published" else None)  # fmt: skip
+        # sampling.compile: the head net (one graph, called K times per token) and the whole decode step
+        self.velocity = compiled_velocity(model) if c.compile else model.velocity
         self.head = StaticCall(self._head, key.use_graphs)
-        self.decode = StaticCall(self._decode, key.use_graphs)
+        self.decode = StaticCall(compile_static(self._decode) if c.compile else self._decode, key.use_graphs)
 
     def _head(self) -> tuple:
         """K head steps for token j of every sample -> (fed-back token [B, 64], chain | None, log-probs | None)."""
         dim = self.model.config.token_dim
         noise = self.noise if self.noise is not None else counter_noise(self.seeds, self.token, self.streams, dim)
         x, chain, logp = sample_token(self.model, self.cond, self.seeds, 0, self.grid, self.key.config,
-                                      self.key.record, noise)  # fmt: skip
+                                      self.key.record, noise, self.velocity)  # fmt: skip
         return token_norm(x) if self.key.config.use_norm else x, chain, logp
 
     def _decode(self) -> tuple:
@@ -160,7 +195,23 @@ def sample_tokens_static(
 ) -> SampleResult:
     """`sampler.sample_tokens` with static shapes: same arguments and result (seeds [B] int64,
     prefix_tokens [B, m, 64]). use_graphs None follows config.cuda_graphs; False runs the static
-    functions eagerly (what the graphs capture, for comparisons)."""
+    functions eagerly (what the graphs capture, for comparisons). config.attention is used throughout."""
+    with sampling_attention(model, config.attention, self_cot=batch.image_prefix is not None):
+        return _sample_tokens_static(model, batch, seeds, config, record_chains, progress, prefix_tokens,
+                                     use_graphs, cache_len_multiple)  # fmt: skip
+
+
+def _sample_tokens_static(
+    model: NextStepModel,
+    batch: PromptBatch,
+    seeds: torch.Tensor,
+    config: SamplingConfig,
+    record_chains: bool,
+    progress: bool,
+    prefix_tokens: torch.Tensor | None,
+    use_graphs: bool | None,
+    cache_len_multiple: int,
+) -> SampleResult:
     if prefix_tokens is not None and record_chains:
         raise ValueError("a continuation of given prefix tokens records no chains")
     if batch.image_prefix is not None:

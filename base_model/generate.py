@@ -39,10 +39,10 @@ def sample_prompts(
     static-shape loop replayed from CUDA graphs computes them (`sample_tokens_static`)."""
     batch = sampler_batch(bundle, prompts, sampling)
     seeds = torch.as_tensor(seeds, dtype=torch.int64)
-    # the static CUDA-graph loop covers image-only sampling; Self-CoT's text phase runs the reference loop
-    if not sampling.self_cot and use_cuda_graphs(sampling.cuda_graphs, bundle.model.device):
+    # the static loop (CUDA graphs and/or torch.compile) covers image-only sampling; Self-CoT runs the reference loop
+    if not sampling.self_cot and (sampling.compile or use_cuda_graphs(sampling.cuda_graphs, bundle.model.device)):
         return sample_tokens_static(bundle.model, batch, seeds, sampling, record_chains=record_chains,
-                                    progress=progress, prefix_tokens=prefix_tokens, use_graphs=True)  # fmt: skip
+                                    progress=progress, prefix_tokens=prefix_tokens)  # fmt: skip
     return sample_tokens(
         bundle.model, batch, seeds, sampling, record_chains=record_chains, progress=progress,
         prefix_tokens=prefix_tokens,

@@ -106,10 +106,12 @@ def pick_attention(config: NextStepConfig) -> str:
 
     Our masks are 4-D boolean (left padding + preallocated cache), which transformers'
     flash-attention-2 path does not take, so a flash_attention_2 request falls back to grouped SDPA
-    (PyTorch's memory-efficient / cuDNN kernels accept the mask) with a warning."""
+    (PyTorch's memory-efficient / cuDNN kernels accept the mask) with a warning. The sampler can use
+    flash-attn's kvcache kernel instead (`sampling.attention: flash`, base_model/flash_attention.py)."""
     want = getattr(config, "_attn_implementation_internal", None) or GROUPED_SDPA
     if want == "flash_attention_2":
-        warnings.warn("flash_attention_2 is not wired for 4-D masks yet; using grouped SDPA", stacklevel=2)
+        warnings.warn("flash_attention_2 does not take our 4-D masks: using grouped SDPA "
+                      "(for sampling, set sampling.attention: flash)", stacklevel=2)  # fmt: skip
     return want if want in ("eager", "sdpa") else GROUPED_SDPA
 
 

@@ -12,12 +12,14 @@ weights); `noise: published` instead replays the published pipelines' torch-gene
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from base_model.flash_attention import AttentionKind, sampling_attention
 from base_model.flow import (
     LogProbReduction,
     NoiseKind,
@@ -64,6 +66,12 @@ class SamplingConfig:
     # the static-shape loop replayed from CUDA graphs (base_model/cuda_graphs.py): same tokens, one graph
     # replay per head loop and per decode step. None: on for a model on CUDA, off elsewhere
     cuda_graphs: bool | None = None
+    # torch.compile the static loop's hot calls (the head net, the decode step; base_model/cuda_graphs.py):
+    # static shapes, two compiles per batch shape; composed with cuda_graphs (the compiled code is captured)
+    compile: bool = False
+    # grouped_sdpa: GQA through SDPA (any device). flash: flash-attn's kvcache kernel (CUDA, bf16/fp16,
+    # image-only batches; base_model/flash_attention.py). Sampling only: training keeps grouped SDPA
+    attention: AttentionKind = "grouped_sdpa"
     # Self-CoT: the model first writes its reasoning as text (`cot` says how), then the image (base_model/text.py)
     self_cot: bool = False
     cot: CotConfig = field(default_factory=CotConfig)
@@ -83,6 +91,11 @@ class SamplingConfig:
             raise ConfigError(f"{where}.cfg_scale: must be >= 1 (1.0 disables guidance), got {self.cfg_scale}")
         check_sequence_fits(self.max_prompt_tokens, (self.image_size, self.image_size), None,
                             f"{where}.max_prompt_tokens")  # fmt: skip
+        if self.compile and self.self_cot:
+            raise ConfigError(f"{where}.compile: the compiled static loop does not run Self-CoT; set it false")
+        if self.attention == "flash" and self.self_cot:
+            raise ConfigError(f"{where}.attention: flash does not take Self-CoT batches (rows with holes); "
+                              "use grouped_sdpa")  # fmt: skip
         self.cot.validate(f"{where}.cot")
 
     @property
@@ -115,14 +128,23 @@ def token_norm(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
 
 
+Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # NextStepModel.velocity's signature
+
+
 def guided_velocity(
-    model: NextStepModel, x: torch.Tensor, t: float, cond: torch.Tensor, cfg_scale: float
+    model: NextStepModel,
+    x: torch.Tensor,
+    t: float,
+    cond: torch.Tensor,
+    cfg_scale: float,
+    velocity: Velocity | None = None,
 ) -> torch.Tensor:
-    """x [B, 64]; cond [R, H] with R = B or 2B ([cond | uncond]) -> CFG velocity [B, 64] fp32."""
+    """x [B, 64]; cond [R, H] with R = B or 2B ([cond | uncond]) -> CFG velocity [B, 64] fp32.
+    velocity: model.velocity or a compiled copy of it (sampling.compile; None: model.velocity)."""
     b, r = x.shape[0], cond.shape[0]
     xx = x if r == b else torch.cat([x, x], dim=0)
     tt = torch.full((r,), t, dtype=torch.float32, device=x.device)
-    v = model.velocity(xx, tt, cond)
+    v = (velocity or model.velocity)(xx, tt, cond)
     return v if r == b else combine_guidance(v[:b], v[b:], cfg_scale)
 
 
@@ -135,12 +157,14 @@ def sample_token(
     config: SamplingConfig,
     record: bool,
     noise: torch.Tensor | None = None,
+    velocity: Velocity | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Run the K head steps for one image token of every sample.
 
     cond [R, H]; seeds [B]; noise [B, 1+S, 64] (x^0, then one draw per scored step) or None for the
     counter noise of (seeds, token_index) -> (x^K [B, 64] fp32, chain [B, K+1, 64] | None,
     log_probs [B, S] | None). Steps k >= S (the final_euler grid's last) are deterministic Euler steps.
+    velocity: see guided_velocity.
     """
     num_steps = len(grid) - 1
     num_sde = num_sde_steps(config.time_grid, num_steps)
@@ -151,7 +175,7 @@ def sample_token(
     x = noise[:, INIT_NOISE_STEP]
     chain, logps = ([x], []) if record else (None, None)
     for k in range(num_steps):
-        v = guided_velocity(model, x, grid[k], cond, config.cfg_scale)
+        v = guided_velocity(model, x, grid[k], cond, config.cfg_scale, velocity)
         scored = k < num_sde
         eps = noise[:, INIT_NOISE_STEP + 1 + k] if scored else torch.zeros_like(x)
         step = head_step(
@@ -170,6 +194,21 @@ def sample_token(
 
 @torch.no_grad()
 def sample_tokens(
+    model: NextStepModel,
+    batch: PromptBatch,
+    seeds: torch.Tensor,
+    config: SamplingConfig,
+    record_chains: bool = False,
+    progress: bool = False,
+    prefix_tokens: torch.Tensor | None = None,
+) -> SampleResult:
+    """Generate every image token of every prompt in `batch` (seeds [B] int64, one per prompt row),
+    with the attention config.attention names (`_sample_tokens`)."""
+    with sampling_attention(model, config.attention, self_cot=batch.image_prefix is not None):
+        return _sample_tokens(model, batch, seeds, config, record_chains, progress, prefix_tokens)
+
+
+def _sample_tokens(
     model: NextStepModel,
     batch: PromptBatch,
     seeds: torch.Tensor,

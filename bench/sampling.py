@@ -9,18 +9,21 @@ For the `tiny` and `mid` presets (random weights, 64x64 images = 16 tokens, cfg 
   * share of decode time spent in the backbone vs the flow head.
   * the attention before/after issue 16 in the same run: transformers' SDPA (repeat_kv over the whole
     preallocated cache) against our grouped SDPA, and the static-shape loop (what CUDA graphs replay,
-    here eager) against the reference loop.
+    here eager) against the reference loop, and that loop with `sampling.compile` (inductor on CPU;
+    its compile time, paid by the first call of each batch shape, is in the row's name).
 With --device cuda: the table of bench/sampling_cuda.py instead (eager vs CUDA graphs, --preset full =
 the published 14B architecture with random bf16 weights: per-token backbone/head ms at batch 1 against
 the paper's 7.2 + 3.4 ms on an H100, images/s at 512^2 with 64 in flight against the 1.5 target).
 
     python bench/sampling.py [--quick] [--out bench/results/sampling_cpu.md]
     python bench/sampling.py --device cuda [--preset full] [--out bench/results/gpu_sampling.md]
+    python bench/sampling.py --device cuda --variants [--preset full]  # graphs vs graphs + compile / flash
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from functools import partial
@@ -30,7 +33,7 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repository, when run as a script
 
-from sampling_cuda import cuda_table  # noqa: E402  (bench/ is first on sys.path when run as a script)
+from sampling_cuda import cuda_table, variant_table  # noqa: E402  (bench/ is first on sys.path when run as a script)
 
 from base_model.checkpoint import build_random  # noqa: E402
 from base_model.cuda_graphs import release_runners, sample_tokens_static  # noqa: E402
@@ -195,6 +198,13 @@ def run(args) -> str:
         rows.append(("ours, transformers' repeat_kv SDPA (before issue 16)", 16, n / secs))
         secs = timed(partial(ours, bundle, prompts, sampling, 16, static_eager))
         rows.append(("ours, static-shape loop run eagerly (CUDA graphs replay it)", 16, n / secs))
+        compiled = dataclasses.replace(sampling, compile=True)
+        t0 = time.perf_counter()
+        ours(bundle, prompts, compiled, 16, static_eager)  # the first call compiles (inductor), then samples
+        first_s = time.perf_counter() - t0
+        secs = timed(partial(ours, bundle, prompts, compiled, 16, static_eager))
+        rows.append((f"ours, static loop + torch.compile (inductor; first call {first_s:.0f} s with compile)",
+                     16, n / secs))  # fmt: skip
         release_runners(bundle.model)
         for name, bs, ips in rows:
             lines.append(f"| {preset} | {name} | {bs} | {ips:.2f} | {ips * 16:.1f} | {ips / base_ips:.2f}x |")
@@ -231,14 +241,18 @@ def main():
                     help="architecture of the cuda table: full (= nextstep-1-large, 14B), mid, tiny")  # fmt: skip
     ap.add_argument("--in-flight", type=int, default=64, help="images sampled together for the cuda throughput")
     ap.add_argument("--device-size", type=int, default=512, help="image side of the cuda table, pixels")
+    ap.add_argument("--variants", action="store_true",
+                    help="cuda: graphs vs graphs + compile / flash (sampling_cuda.py:variant_table)")  # fmt: skip
     args = ap.parse_args()
     if args.device == "cuda":
         if not torch.cuda.is_available():
             ap.exit(2, "sampling.py: error: --device cuda: no CUDA device here (torch sees none)\n")
-        table = "\n".join(cuda_table(args.preset, args.in_flight, args.device_size, args.steps))
+        table_fn = variant_table if args.variants else cuda_table
+        table = "\n".join(table_fn(args.preset, args.in_flight, args.device_size, args.steps))
     else:
         table = run(args)
-    args.out = args.out or f"bench/results/{'gpu_sampling' if args.device == 'cuda' else 'sampling_cpu'}.md"
+    name = ("gpu_variants" if args.variants else "gpu_sampling") if args.device == "cuda" else "sampling_cpu"
+    args.out = args.out or f"bench/results/{name}.md"
     print(table)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

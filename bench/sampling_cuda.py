@@ -6,16 +6,21 @@ built on the meta device and materialised in bf16 on the GPU (never fp32, nothin
 Rows: per-token backbone and head ms at batch 1 + CFG (paper, H100: 7.2 + 3.4 ms), the decode step and
 head loop with `in_flight` images (transformers' repeat_kv SDPA against our grouped SDPA), and images/s
 at the given size with `in_flight` images: the reference loop (eager) against the graphed static loop.
+`variant_table` (--variants): the graphed static loop against itself with `sampling.compile` (inductor
+kernels captured in our graphs) and with `sampling.attention: flash` (flash-attn's kvcache kernel).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import time
 
 import torch
 
 from base_model.config import preset_config
 from base_model.cuda_graphs import release_runners, runner_for, runner_key, sample_tokens_static
+from base_model.flash_attention import sampling_attention
 from base_model.model import GROUPED_SDPA, NextStepModel
 from base_model.sampler import SamplingConfig, sample_tokens
 from base_model.sequence import build_prompt_batch
@@ -136,4 +141,61 @@ def cuda_table(preset: str, in_flight: int, image_size: int, steps: int, device:
                      in_flight / eager_s, in_flight / graphs_s, "target >= 1.5 per H100", unit="img/s"))  # fmt: skip
     if graphs:
         lines += ["", f"Peak GPU memory of the eager run: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB."]
+    return lines
+
+
+@torch.no_grad()
+def variant_table(preset: str, in_flight: int, image_size: int, steps: int, device: str = "cuda") -> list[str]:
+    """Rows: decode step, head loop and images/s of the graphed static loop, plain against compiled
+    (compile time shown: the first call of each runner pays it) and against flash attention.
+    device "cpu" is a smoke run of this code (no graphs, fp32: flash refused, in its row)."""
+    graphs = device == "cuda"
+    model = random_model_on(preset, device, torch.bfloat16 if graphs else torch.float32)
+    tok = build_tiny_tokenizer()
+    ids = special_ids(tok)
+    base = SamplingConfig(image_size=image_size, cfg_scale=7.5, num_head_steps=steps)
+    many = build_prompt_batch(tok, ids, [f"a photo of object number {i}" for i in range(in_flight)],
+                              (image_size, image_size), True)  # fmt: skip
+    seeds = torch.arange(in_flight)
+    lines = [
+        f"# Graphed static loop variants ({preset}, {model.dtype}, {image_size}px, {in_flight} in flight + CFG, "
+        f"{steps} head steps; {torch.cuda.get_device_name() if graphs else device})",
+        "",
+        "| measure | graphs | graphs + variant | speed-up | note |",
+        "|---|---|---|---|---|",
+    ]
+
+    def measure(config: SamplingConfig) -> tuple[float, float, float, float]:
+        """(runner build s: compile + capture, decode step s, head loop s, images/s)"""
+        synchronize()
+        t0 = time.perf_counter()
+        with sampling_attention(model, config.attention):  # captured (and compiled) with this attention
+            run = runner_for(model, runner_key(model, many, config, False, graphs))
+            run.prompt_len.fill_(many.prompt_len)
+            run.token.fill_(many.num_image_tokens - 2)
+            synchronize()
+            build = time.perf_counter() - t0
+            decode, head = clock(run.decode, 10), clock(run.head, 5)
+        whole = clock(lambda: sample_tokens_static(model, many, seeds, config, use_graphs=graphs), warmup=False)
+        release_runners(model)
+        return build, decode, head, in_flight / whole
+
+    plain = measure(base)
+    variants = [("compile", dataclasses.replace(base, compile=True))]
+    if importlib.util.find_spec("flash_attn") is not None or not graphs:
+        variants.append(("flash", dataclasses.replace(base, attention="flash")))
+        variants.append(("compile + flash", dataclasses.replace(base, compile=True, attention="flash")))
+    else:
+        lines.append("| flash | - | - | - | flash_attn not importable here |")
+    for name, config in variants:
+        try:
+            other = measure(config)
+        except Exception as e:  # a row, not a lost table: the GPU session reads every variant's outcome
+            lines.append(f"| {name} | - | - | - | failed: {type(e).__name__}: {str(e)[:200]} |")
+            print(lines[-1], flush=True)
+            continue
+        note = f"runner build (compile + capture) {other[0]:.1f} s vs {plain[0]:.1f} s"
+        lines.append(row(f"{name}: backbone, last decode step", plain[1], other[1], note))
+        lines.append(row(f"{name}: flow head per token", plain[2], other[2], ""))
+        lines.append(row(f"{name}: images/s", plain[3], other[3], "", unit="img/s"))
     return lines

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from base_model.checkpoint import load_checkpoint, resolve_model
+from base_model.flash_attention import check_flash
 from base_model.generate import decode_text, decode_tokens, sample_prompts
 from base_model.sampler import SamplingConfig
 from base_model.text import TextSample
@@ -55,6 +56,8 @@ class RolloutWorker:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self.device, self.dtype = device, getattr(torch, dtype)
+        if sampling.attention == "flash":  # before the weights load: one line where the kernel cannot run
+            check_flash(torch.device(device), self.dtype, sampling.self_cot)
         self.bundle = resolve_model(model, dtype=self.dtype, device=device)
         self.sampling = sampling
         self.micro_batch_samples = micro_batch_samples

@@ -12,7 +12,7 @@ Colocation: pools whose actor i must share one device reserve ONE group together
 reserve_shared: bundle i holds the sum of every pool's per-actor resources) and each receives it as
 `SharedBundles` (the group and the bundle index of each of its actors); whoever reserved it releases it,
 once, after the pools are shut down. `here()`, run inside an actor, reports where Ray put it.
-Ray must already be running here (core.pools.ensure_ray); Ray stays in core/.
+Ray must already be running here (core.ray_session.ensure_ray); Ray stays in core/.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Stop what is left of one local Ray session once the driver that started it is gone, even by SIGKILL.
 
-`core.pools.ensure_ray` starts this file as a script (standard library only, so it starts in
+`core.ray_session.ensure_ray` starts this file as a script (standard library only, so it starts in
 milliseconds) right after it starts a local Ray:
 
     python ray_reaper.py DRIVER_PID SESSION_DIR RAY_PACKAGE_DIR

@@ -55,10 +55,11 @@ from pathlib import Path
 import torch
 
 from alignment.grpo_config import GrpoConfig, describe, precision_note
-from alignment.grpo_learner import RemoteLearner, SyncedRolloutWorker, grpo_loss, grpo_update
+from alignment.grpo_learner import RemoteLearner, grpo_loss, grpo_update
 from alignment.learner import Learner, StepResult
 from alignment.model_source import open_model
 from alignment.objectives import GrpoMicroBatch
+from alignment.synced_worker import SyncedRolloutWorker
 from alignment.train_parts import prefix_values, soft_value_phase
 from alignment.trainer import Trainer
 from alignment.weight_sync import state_bytes

@@ -33,3 +33,17 @@ def torchrun(module: str, worker: str, nproc: int, *args: str, timeout: int = 30
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{worker} on {nproc} ranks failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     return done
+
+
+class DiesAfter:
+    """A process group (a WeightGroup's `group`) that ends its process, a hard crash, at the broadcast after
+    the first `n`: a member lost in the middle of a sync."""
+
+    def __init__(self, group, n: int):
+        self.group, self.n = group, n
+
+    def broadcast(self, tensor, root: int):
+        if self.n == 0:
+            os._exit(1)
+        self.n -= 1
+        return self.group.broadcast(tensor, root)

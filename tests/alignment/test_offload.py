@@ -8,7 +8,8 @@ it skip, naming the reason, where it cannot be built."""
 import pytest
 import torch
 
-from alignment.learner import Learner, cpu_adam_error, deepspeed_config
+from alignment.engine_config import cpu_adam_error, deepspeed_config
+from alignment.learner import Learner
 from alignment.learner_config import LearnerConfig
 from base_model.checkpoint import build_random
 from base_model.sequence import build_prompt_batch
@@ -131,9 +132,9 @@ def test_the_large_configs_learner_zero3_bf16_offload_checkpointing_steps_as_wit
 def test_without_cpu_adam_the_offloaded_optimizer_is_torchs_adamw_on_the_cpu(monkeypatch, capsys):
     """Where the op cannot be built the learner says so in one line and DeepSpeed steps the offloaded fp32
     partitions with torch's AdamW (zero_force_ds_cpu_optimizer off): the very update of the plain learner."""
-    import alignment.learner as learner_module
+    import alignment.engine_config as engine_config
 
-    monkeypatch.setattr(learner_module, "cpu_adam_error", lambda: "RuntimeError: no C++ compiler")
+    monkeypatch.setattr(engine_config, "cpu_adam_error", lambda: "RuntimeError: no C++ compiler")
     plain, _ = _run(2, zero_stage=2)
     learner, _ = _run(2, zero_stage=2, offload_optimizer=True)
     assert "CPU Adam cannot be built here (RuntimeError: no C++ compiler)" in capsys.readouterr().out

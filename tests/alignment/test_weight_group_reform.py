@@ -4,28 +4,15 @@ fails in one line at rank 0 and the survivor; rank 0 hosts a fresh store, the su
 join it, and the same version then arrives whole at both."""
 
 import multiprocessing
-import os
 import time
 
 import pytest
 import torch
 
 from alignment.weight_sync import GroupBroken, WeightGroup
+from tests.distributed_helpers import DiesAfter
 
 BUCKET_BYTES = 64 * 1024  # the tiny policy in bf16 (398,592 B): 7 buckets
-
-
-class _DiesAfter:
-    """A process group that ends its process (a hard crash) at the broadcast after the first `n`."""
-
-    def __init__(self, group, n: int):
-        self.group, self.n = group, n
-
-    def broadcast(self, tensor: torch.Tensor, root: int):
-        if self.n == 0:
-            os._exit(1)
-        self.n -= 1
-        return self.group.broadcast(tensor, root)
 
 
 def _member(commands: multiprocessing.Queue, out: multiprocessing.Queue, name: str, shapes: dict) -> None:
@@ -41,7 +28,7 @@ def _member(commands: multiprocessing.Queue, out: multiprocessing.Queue, name: s
             group = WeightGroup.connect("127.0.0.1", command[1], command[2], timeout_s=30)
             out.put((name, "joined", group.join("gloo")))
         elif command[0] == "die_after":
-            group.group = _DiesAfter(group.group, command[1])
+            group.group = DiesAfter(group.group, command[1])
         else:
             try:
                 received = group.receive(targets)

@@ -18,7 +18,7 @@ import pytest
 from safetensors.torch import save_file
 
 from base_model.checkpoint import INDEX_NAME, shard_header, tensor_entry_problem, verify_shards
-from core import pools
+from core import pools, ray_session
 from core.errors import CheckpointError
 from core.ray_reaper import is_running, session_pids
 from tests.dashboard.handmade import eval_dir
@@ -212,21 +212,21 @@ def test_signal_handler_shuts_down_then_hands_the_signal_on(monkeypatch):
 
     calls = []
     monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
-    monkeypatch.setattr(pools, "_restore", {})
-    monkeypatch.setattr(pools, "_ray_owner", [0])
+    monkeypatch.setattr(ray_session, "_restore", {})
+    monkeypatch.setattr(ray_session, "_ray_owner", [0])
     saved = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGINT)}
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # as before any pool (an earlier test's may be live)
         signal.signal(signal.SIGHUP, lambda signum, frame: calls.append(f"previous {signum}"))
-        previous = pools._signal_handlers()
+        previous = ray_session._signal_handlers()
         assert previous[signal.SIGINT] is signal.default_int_handler
-        pools._shut_down_on_signals(previous)
-        assert signal.getsignal(signal.SIGHUP) is pools._stop_signal
+        ray_session._shut_down_on_signals(previous)
+        assert signal.getsignal(signal.SIGHUP) is ray_session._stop_signal
         signal.raise_signal(signal.SIGHUP)
         assert calls == ["shutdown", f"previous {int(signal.SIGHUP)}"]
         assert signal.getsignal(signal.SIGHUP) is previous[signal.SIGHUP]
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # every handler put back
-        pools._shut_down_on_signals(previous)
+        ray_session._shut_down_on_signals(previous)
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
         assert calls[2:] == ["shutdown"]
@@ -241,11 +241,11 @@ def test_forked_child_leaves_the_parents_ray_alone(monkeypatch):
     import ray
 
     monkeypatch.setattr(ray, "shutdown", lambda: os._exit(3))  # exit code 3: the child shut Ray down
-    monkeypatch.setattr(pools, "_restore", {})
-    monkeypatch.setattr(pools, "_ray_owner", [0])
+    monkeypatch.setattr(ray_session, "_restore", {})
+    monkeypatch.setattr(ray_session, "_ray_owner", [0])
     saved = signal.signal(signal.SIGHUP, lambda signum, frame: None)
     try:
-        pools._shut_down_on_signals(pools._signal_handlers())
+        ray_session._shut_down_on_signals(ray_session._signal_handlers())
         child = os.fork()
         if child == 0:
             signal.raise_signal(signal.SIGHUP)
@@ -258,7 +258,7 @@ def test_forked_child_leaves_the_parents_ray_alone(monkeypatch):
 def test_ignored_signals_stay_ignored():
     saved = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
     try:
-        assert signal.SIGHUP not in pools._signal_handlers()
+        assert signal.SIGHUP not in ray_session._signal_handlers()
     finally:
         signal.signal(signal.SIGHUP, saved)
 

@@ -175,7 +175,7 @@ class CudaPeer:
 
     def release(self) -> tuple[int, int]:
         """Reserved bytes with 1 GiB freed but cached, then after `release_device_memory`."""
-        from alignment.grpo_learner import release_device_memory
+        from alignment.synced_worker import release_device_memory
 
         block = torch.empty(2**28, dtype=torch.float32, device="cuda")  # 1 GiB
         del block

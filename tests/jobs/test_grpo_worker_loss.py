@@ -15,12 +15,13 @@ import pytest
 import torch
 
 import jobs.grpo
-from alignment.grpo_learner import SyncedRolloutWorker
+from alignment.synced_worker import SyncedRolloutWorker
 from base_model.checkpoint import load_checkpoint
 from core.pools import WorkerLostError
 from core.schema import load_config
 from jobs.grpo import GrpoConfig, run_grpo
 from rollout.batch import rollout_seed
+from tests.distributed_helpers import DiesAfter
 from tests.jobs.test_grpo_distributed import PROMPTS, ROLLOUT, ROOT, _config, _rows
 
 SOFT_VALUE = ROOT / "configs" / "grpo" / "tiny_soft_value.yaml"  # 3 steps: 3 prefix updates on soft values
@@ -35,19 +36,6 @@ def _soft_value(tmp_path: Path, name: str) -> GrpoConfig:
     base = [f"runs_root={tmp_path / 'runs'}", f"prompts={PROMPTS}", f"run_name={name}", "micro_batch_samples=4",
             "checkpoint_every=3", "weight_sync.dtype=bfloat16", "weight_sync.bucket_mb=0.1"]  # fmt: skip
     return load_config(GrpoConfig, SOFT_VALUE, [*base, *ONE_RANK])
-
-
-class _DiesAfter:
-    """A process group that ends its process at the broadcast after the first `n` (mid-sync)."""
-
-    def __init__(self, group, n: int):
-        self.group, self.n = group, n
-
-    def broadcast(self, tensor: torch.Tensor, root: int):
-        if self.n == 0:
-            os._exit(1)
-        self.n -= 1
-        return self.group.broadcast(tensor, root)
 
 
 class DyingWorker(SyncedRolloutWorker):
@@ -88,7 +76,7 @@ class DyingWorker(SyncedRolloutWorker):
 
     def receive_weights(self, version: int) -> int | None:
         if version == self.die_in_sync and self.claim("sync"):
-            self.weight_group.group = _DiesAfter(self.weight_group.group, 1)
+            self.weight_group.group = DiesAfter(self.weight_group.group, 1)
         return super().receive_weights(version)
 
 

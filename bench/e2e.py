@@ -43,19 +43,40 @@ METHODS = {
 }
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/e2e/pipeline.yaml")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "e2e_cpu.md"))
+def proof_arguments(description: str, config: str, out: str) -> argparse.Namespace:
+    """The command line of a proof script: its pipeline config (+ key=value overrides), the result file, and
+    the confirmation's evaluation seed and samples per prompt."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=config)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / out))
     p.add_argument("--replicate-seed", type=int, default=2026, help="evaluation seed of the confirmation (0: none)")
     p.add_argument("--replicate-samples", type=int, default=32, help="samples per prompt of the confirmation")
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def run_pipeline(args: argparse.Namespace) -> tuple[int, PipelineConfig | None]:
+    """`nsalign pipeline` on the proof's config (resumable) -> (its exit code, its config once it finished, with
+    the working directory at the repository root, where the config's relative paths point)."""
     rc = subprocess.call([sys.executable, "-m", "jobs.cli", "pipeline", args.config, *args.overrides], cwd=ROOT)
     if rc != 0:
-        return rc
+        return rc, None
     os.chdir(ROOT)
-    config = load_config(PipelineConfig, args.config, args.overrides)
+    return 0, load_config(PipelineConfig, args.config, args.overrides)
+
+
+def provenance(script: str, config_path: str, walls: dict[str, float]) -> str:
+    """The line saying what ran where and how long each stage took."""
+    stages = ", ".join(f"{k} {v:.0f}" for k, v in walls.items())
+    return (f"`python {script}` on {platform.machine()} with {os.cpu_count()} CPU cores; pipeline `{config_path}`; "
+            f"total wall time {sum(walls.values()):.0f} s (stages: {stages}).")  # fmt: skip
+
+
+def main() -> int:
+    args = proof_arguments(__doc__.splitlines()[0], "configs/e2e/pipeline.yaml", "e2e_cpu.md")
+    rc, config = run_pipeline(args)
+    if config is None:
+        return rc
     table, rows = comparison_table(config.report)
     walls = Ledger(Path(config.out_dir)).wall_times()
     rewards = config.report.rewards
@@ -77,12 +98,9 @@ def main() -> int:
         lines.append(cells)
     selection = Path(config.out_dir) / "runs" / "sft" / "selection.json"
     chosen = json.loads(selection.read_text())["chosen"] if selection.is_file() else "?"
-    total = sum(walls.values())
     text = "\n".join([
         "# End-to-end proof on the shapes world (CPU)", "",
-        f"`python bench/e2e.py` on {platform.machine()} with {os.cpu_count()} CPU cores; pipeline "
-        f"`{args.config}`; total wall time {total:.0f} s (stages: "
-        + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()) + ").", "",
+        provenance("bench/e2e.py", args.config, walls), "",
         markdown_table(header, lines), "",
         table.split("\n\n")[-1].strip() if "\n\n" in table else "",
         f"SFT selection chose `{chosen}` (runs/e2e/runs/sft/selection.md). 'beats pretrained': the lower end "

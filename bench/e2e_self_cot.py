@@ -11,18 +11,15 @@ every entry, Self-CoT or not), then the same entries on fresh seeds (`--replicat
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.schema import load_config  # noqa: E402
+from e2e import evaluate_again, proof_arguments, provenance, run_pipeline  # noqa: E402  (bench/ is on sys.path as a script)
+
 from jobs.pipeline import Ledger, PipelineConfig, comparison_table  # noqa: E402
 
 WHAT = {
@@ -48,24 +45,14 @@ def tables(config: PipelineConfig, eval_dir: str) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/e2e_cot/pipeline.yaml")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "e2e_self_cot.md"))
-    p.add_argument("--replicate-seed", type=int, default=2026, help="evaluation seed of the confirmation (0: none)")
-    p.add_argument("--replicate-samples", type=int, default=32, help="samples per prompt of the confirmation")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args()
-    rc = subprocess.call([sys.executable, "-m", "jobs.cli", "pipeline", args.config, *args.overrides], cwd=ROOT)
-    if rc != 0:
+    args = proof_arguments(__doc__.splitlines()[0], "configs/e2e_cot/pipeline.yaml", "e2e_self_cot.md")
+    rc, config = run_pipeline(args)
+    if config is None:
         return rc
-    os.chdir(ROOT)
-    config = load_config(PipelineConfig, args.config, args.overrides)
     walls = Ledger(Path(config.out_dir)).wall_times()
     lines = [
         "# Self-CoT proof on the shapes world (CPU)", "",
-        f"`python bench/e2e_self_cot.py` on {platform.machine()} with {os.cpu_count()} CPU cores; pipeline "
-        f"`{args.config}`; total wall time {sum(walls.values()):.0f} s (stages: "
-        + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()) + ").", "",
+        provenance("bench/e2e_self_cot.py", args.config, walls), "",
         "| entry | what |", "|---|---|", *(f"| {k} | {v} |" for k, v in WHAT.items()), "",
         "## 64 held-out prompts x 16 seeds", "", tables(config, config.report.eval_dir),
     ]  # fmt: skip
@@ -79,8 +66,6 @@ def main() -> int:
 
 def confirmation(config: PipelineConfig, seed: int, samples: int) -> str:
     """The evaluate stage again on fresh seeds (resumable) -> its two comparison tables."""
-    from e2e import evaluate_again  # bench/ is on sys.path when run as a script
-
     out_dir, failed = evaluate_again(config, seed, samples)
     if failed:
         return failed

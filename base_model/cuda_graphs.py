@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from base_model.flash_attention import sampling_attention
+from base_model.flash_attention import with_sampling_attention
 from base_model.flow import PublishedNoise, counter_noise, num_sde_steps, time_grid
 from base_model.model import KVCache, NextStepModel
 from base_model.sampler import SampleResult, SamplingConfig, sample_token, token_norm
@@ -182,6 +182,7 @@ def runner_for(model: NextStepModel, key: RunnerKey) -> StaticRunner:
 
 
 @torch.no_grad()
+@with_sampling_attention
 def sample_tokens_static(
     model: NextStepModel,
     batch: PromptBatch,
@@ -196,22 +197,6 @@ def sample_tokens_static(
     """`sampler.sample_tokens` with static shapes: same arguments and result (seeds [B] int64,
     prefix_tokens [B, m, 64]). use_graphs None follows config.cuda_graphs; False runs the static
     functions eagerly (what the graphs capture, for comparisons). config.attention is used throughout."""
-    with sampling_attention(model, config.attention, self_cot=batch.image_prefix is not None):
-        return _sample_tokens_static(model, batch, seeds, config, record_chains, progress, prefix_tokens,
-                                     use_graphs, cache_len_multiple)  # fmt: skip
-
-
-def _sample_tokens_static(
-    model: NextStepModel,
-    batch: PromptBatch,
-    seeds: torch.Tensor,
-    config: SamplingConfig,
-    record_chains: bool,
-    progress: bool,
-    prefix_tokens: torch.Tensor | None,
-    use_graphs: bool | None,
-    cache_len_multiple: int,
-) -> SampleResult:
     if prefix_tokens is not None and record_chains:
         raise ValueError("a continuation of given prefix tokens records no chains")
     if batch.image_prefix is not None:

@@ -17,8 +17,9 @@ first batch, in one line, that it is not what runs, rather than find a slower jo
 
 from __future__ import annotations
 
+import functools
 import importlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal
 
@@ -130,3 +131,15 @@ def sampling_attention(model: nn.Module, kind: AttentionKind, self_cot: bool = F
         yield
     finally:
         model.config._attn_implementation = old
+
+
+def with_sampling_attention(sampler: Callable) -> Callable:
+    """A sampler `f(model, batch, seeds, config, ...)` run under `sampling_attention` with the attention its
+    config names (a Self-CoT batch, `batch.image_prefix` set, is named to the check)."""
+
+    @functools.wraps(sampler)
+    def run(model: nn.Module, batch, seeds: torch.Tensor, config, *args, **kwargs):
+        with sampling_attention(model, config.attention, self_cot=batch.image_prefix is not None):
+            return sampler(model, batch, seeds, config, *args, **kwargs)
+
+    return run

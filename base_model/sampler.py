@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from base_model.flash_attention import AttentionKind, sampling_attention
+from base_model.flash_attention import AttentionKind, with_sampling_attention
 from base_model.flow import (
     LogProbReduction,
     NoiseKind,
@@ -193,6 +193,7 @@ def sample_token(
 
 
 @torch.no_grad()
+@with_sampling_attention
 def sample_tokens(
     model: NextStepModel,
     batch: PromptBatch,
@@ -202,22 +203,8 @@ def sample_tokens(
     progress: bool = False,
     prefix_tokens: torch.Tensor | None = None,
 ) -> SampleResult:
-    """Generate every image token of every prompt in `batch` (seeds [B] int64, one per prompt row),
-    with the attention config.attention names (`_sample_tokens`)."""
-    with sampling_attention(model, config.attention, self_cot=batch.image_prefix is not None):
-        return _sample_tokens(model, batch, seeds, config, record_chains, progress, prefix_tokens)
-
-
-def _sample_tokens(
-    model: NextStepModel,
-    batch: PromptBatch,
-    seeds: torch.Tensor,
-    config: SamplingConfig,
-    record_chains: bool = False,
-    progress: bool = False,
-    prefix_tokens: torch.Tensor | None = None,
-) -> SampleResult:
-    """Generate every image token of every prompt in `batch` (seeds [B] int64, one per prompt row).
+    """Generate every image token of every prompt in `batch` (seeds [B] int64, one per prompt row), with
+    the attention config.attention names.
 
     prefix_tokens [B, m, 64] (as fed back, e.g. a RolloutBatch's tokens[:, :m]): tokens 0..m-1 are
     these, teacher-forced through the cache, and only tokens m.. are sampled (a continuation of a

@@ -1,9 +1,9 @@
 """Model-facing objectives: turn a batch and the model into (loss, metrics) for `Learner.step`.
 
 GRPO over recorded head chains (`grpo_objective`) and Diffusion-DPO's per-image flow errors of a pair batch
-(`pair_scores` / `pair_errors`, with the seeded per-token noise `pair_noise` they share; on Self-CoT pairs each
-image is conditioned on its own reasoning, whose log-prob the text term also scores). The maths stays in
-`alignment.losses` (pure tensors); this file only runs the teacher-forced passes.
+(`pair_scores`, with the seeded per-token noise `pair_noise`; on Self-CoT pairs each image is conditioned on its
+own reasoning, whose log-prob the text term also scores). The maths stays in `alignment.losses` (pure
+tensors); this file only runs the teacher-forced passes.
 """
 
 from __future__ import annotations
@@ -221,19 +221,6 @@ def pair_scores(
         return PairScores(err[:n], err[n:])
     text = forced.text_log_probs.sum(-1)  # [2N]: tokens and stop event (TextSample.log_probs' layout)
     return PairScores(err[:n], err[n:], text[:n], text[n:])
-
-
-def pair_errors(
-    model: NextStepModel,
-    tokenizer: PreTrainedTokenizerBase,
-    ids: SpecialIds,
-    batch: PairBatch,
-    image_size: int,
-    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image flow errors (l(y_w) [N], l(y_l) [N]) from ONE teacher-forced pass over 2N rows (`pair_scores`)."""
-    scores = pair_scores(model, tokenizer, ids, batch, image_size, max_prompt_tokens)
-    return scores.err_w, scores.err_l
 
 
 DPO_METRICS = ("loss", "implicit_accuracy", "margin", "mse_w", "mse_l", "ref_mse_w", "ref_mse_l")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from alignment.losses import diffusion_dpo_loss
-from alignment.objectives import make_batch, pair_errors, pair_scores
+from alignment.objectives import make_batch, pair_scores
 from base_model.generate import sample_prompts
 from base_model.sampler import SamplingConfig
 from base_model.sequence import build_prompt_batch, build_self_cot_batch
@@ -91,7 +91,8 @@ def test_image_only_pairs_keep_todays_path(chatty, drawn):
                                 rejected_text_stopped=None, cot=None)  # fmt: skip
     model = chatty.model
     with torch.no_grad():
-        err_w, err_l = pair_errors(model, chatty.tokenizer, chatty.ids, plain, 64)
+        image_only = pair_scores(model, chatty.tokenizer, chatty.ids, plain, 64)
+        err_w, err_l = image_only.err_w, image_only.err_l
         # today's image-only computation, written out
         pb = build_prompt_batch(chatty.tokenizer, chatty.ids, PROMPTS * 2, (64, 64), False)
         tokens = torch.cat([plain.chosen, plain.rejected])

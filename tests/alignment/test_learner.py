@@ -113,7 +113,7 @@ def test_lora_step_trains_only_adapters_and_merges_into_plain_weights():
     from alignment.learner_config import LoraConfig
     from alignment.lora import lora_layers
     from alignment.losses import diffusion_dpo_loss
-    from alignment.objectives import PairBatch, pair_errors
+    from alignment.objectives import PairBatch, pair_scores
 
     bundle = build_random("tiny", seed=0)
     start = {k: v.clone() for k, v in bundle.model.state_dict().items()}
@@ -127,7 +127,8 @@ def test_lora_step_trains_only_adapters_and_merges_into_plain_weights():
     )  # fmt: skip
 
     def errors(model):
-        return pair_errors(model, bundle.tokenizer, bundle.ids, batch, 64)
+        scores = pair_scores(model, bundle.tokenizer, bundle.ids, batch, 64)
+        return scores.err_w, scores.err_l
 
     def loss_fn(model, b):
         with learner.reference() as ref:

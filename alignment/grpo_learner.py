@@ -30,7 +30,6 @@ import torch
 
 from alignment.grpo_config import GrpoConfig
 from alignment.learner import Learner, NonFiniteLossError, StepResult
-from alignment.learner_state import iter_policy
 from alignment.losses import group_advantages, keep_groups
 from alignment.model_source import open_model
 from alignment.objectives import GrpoMicroBatch, grpo_objective, reference_means
@@ -203,7 +202,7 @@ class GrpoLearnerRank:
         sync_dtype = getattr(torch, dtype)
         itemsize = torch.empty((), dtype=sync_dtype).element_size()
         plan = plan_buckets(self.learner.policy_shapes(), itemsize, bucket_bytes)
-        stream = iter_policy(self.learner.engine.module, sync_dtype, self.learner.device, keep=True)
+        stream = self.learner.iter_policy(sync_dtype, every_rank=True)
         self.buckets = fill_buckets(plan, stream, sync_dtype, bucket_bytes, self.learner.device)
         return plan
 

@@ -282,11 +282,15 @@ class Learner:
         """(name, full shape) of each tensor `iter_policy` yields, in order, known without gathering."""
         return policy_shapes(self.engine.module)
 
-    def iter_policy(self, dtype: torch.dtype, device: torch.device | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_policy(
+        self, dtype: torch.dtype, device: torch.device | None = None, every_rank: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """The plain policy one tensor at a time in `dtype` on the engine's device (or `device`), for weight sync
         (learner_state.iter_policy): collective under ZeRO-3, so every rank runs it to the end; rank 0 alone
-        gets tensors, each valid until the next is asked for."""
-        return iter_policy(self.engine.module, dtype, self.device if device is None else device, self.rank == 0)
+        gets tensors (`every_rank`: each rank, e.g. to hand them to the worker on its own GPU), each valid until
+        the next is asked for."""
+        keep = every_rank or self.rank == 0
+        return iter_policy(self.engine.module, dtype, self.device if device is None else device, keep)
 
     def _load_weights_only(self) -> None:
         """Every file engine.load_checkpoint reads goes through the engine's checkpoint engine (model states
@@ -319,7 +323,6 @@ class Learner:
             raise CheckpointError(f"{engine_dir / 'state'}: no DeepSpeed state in this checkpoint")
         saved = read_world_record(engine_dir)
         if saved is not None and saved["world_size"] != self.world_size:
-            self.config.validate()
             mode = self.config.reshard_mode
             if mode == "off":
                 raise world_size_change(directory, saved, self.world_size, self.config.zero_stage)

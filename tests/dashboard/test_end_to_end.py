@@ -165,17 +165,25 @@ def _chrome():
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 
+def _open(browser, page: Path) -> bool:
+    """Load `page` and wait up to 5 s for its program to mark the body ready; whether it did."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(page.as_uri())
+    for _ in range(100):
+        if browser.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1":
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_dashboard_in_headless_chromium(pipeline):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
     browser = _chrome()
     try:
-        browser.get((pipeline["out"] / "index.html").as_uri())
-        for _ in range(100):
-            if browser.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1":
-                break
-            time.sleep(0.05)
+        _open(browser, pipeline["out"] / "index.html")
         errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert errors == []
         # the checkpoint x reward table shows the Parquet means
@@ -213,12 +221,7 @@ def test_prompt_that_opens_a_script_comment_renders(tmp_path):
                  "--num-resamples", "20"]) == 0  # fmt: skip
     browser = _chrome()
     try:
-        browser.get((tmp_path / "d" / "index.html").as_uri())
-        for _ in range(100):
-            if browser.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1":
-                break
-            time.sleep(0.05)
-        assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1"
+        assert _open(browser, tmp_path / "d" / "index.html")
         assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
         assert len(browser.find_elements(By.CSS_SELECTOR, "table.reward-table td.mean")) == 2 * 2
         cells = browser.find_elements(By.CSS_SELECTOR, "#eval0-grid tr.grid-row td.prompt")
@@ -238,11 +241,7 @@ def test_reasoning_beside_each_thumbnail_is_shown_as_text(tmp_path):
     assert main(["dashboard", str(out), "--out", str(tmp_path / "d"), "--num-resamples", "20"]) == 0
     browser = _chrome()
     try:
-        browser.get((tmp_path / "d" / "index.html").as_uri())
-        for _ in range(100):
-            if browser.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1":
-                break
-            time.sleep(0.05)
+        _open(browser, tmp_path / "d" / "index.html")
         assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
         shown = browser.find_elements(By.CSS_SELECTOR, "#eval0-grid tr.grid-row div.reasoning")
         assert [e.text for e in shown] == texts  # one per row: b's (a was sampled without Self-CoT)

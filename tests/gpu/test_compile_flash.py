@@ -10,11 +10,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from base_model.checkpoint import build_random
 from base_model.cuda_graphs import release_runners, sample_tokens_static
 from base_model.flash_attention import sampling_attention
-from base_model.sampler import SamplingConfig
-from base_model.sequence import append_image_block, build_prompt_batch
+from tests.gpu.test_sampler_cuda import SETTINGS, batch_of, image_sequence, mid_on_cuda
 
 pytestmark = [
     pytest.mark.gpu,
@@ -22,30 +20,16 @@ pytestmark = [
 ]
 needs_flash = pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="needs flash_attn")
 
-PROMPTS = ["a red circle", "a much longer caption that forces extra left padding", "x", "two blue squares"]
-SETTINGS = SamplingConfig(image_size=64, cfg_scale=7.5, num_head_steps=20)
-
 
 @pytest.fixture(scope="module")
 def bf16():
-    """The mid preset (8 layers, GQA 8:2, head dim 64) in bf16, weights large enough that attention is not uniform."""
-    bundle = build_random("mid", seed=0)
-    bundle.model.init_weights(std=0.05, generator=torch.Generator().manual_seed(1))
-    bundle.model.place("cuda", torch.bfloat16)
-    return bundle
-
-
-def batch_of(bundle, size=64):
-    return build_prompt_batch(bundle.tokenizer, bundle.ids, PROMPTS, (size, size), with_uncond=True)
+    return mid_on_cuda(torch.bfloat16)
 
 
 @needs_flash
 def test_flash_kvcache_equals_grouped_sdpa_in_bf16(bf16):
     model = bf16.model
-    batch = batch_of(bf16).to("cuda")
-    full_ids, full_mask = append_image_block(batch, bf16.ids)
-    img = torch.randn(4, 16, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    img = torch.cat([img, img])
+    full_ids, full_mask, img = image_sequence(bf16)
     with torch.no_grad():
         ref = model.forward_sequence(full_ids, full_mask, img)
         with sampling_attention(model, "flash"):

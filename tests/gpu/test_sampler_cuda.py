@@ -48,6 +48,14 @@ def batch_of(bundle, prompts=PROMPTS, size=64, uncond=True):
     return build_prompt_batch(bundle.tokenizer, bundle.ids, prompts, (size, size), with_uncond=uncond)
 
 
+def image_sequence(bundle) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PROMPTS with CFG and a seeded 16-token image on CUDA, for one teacher-forced pass: (ids [8, L], mask
+    [8, L], image tokens [8, 16, 64], the same image for the cond and uncond rows)."""
+    full_ids, full_mask = append_image_block(batch_of(bundle).to("cuda"), bundle.ids)
+    img = torch.randn(4, 16, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    return full_ids, full_mask, torch.cat([img, img])
+
+
 @pytest.mark.parametrize("noise", ["counter", "published"])
 def test_graphs_replay_the_eager_static_loop_exactly(bf16, noise):
     settings = SamplingConfig(image_size=64, cfg_scale=7.5, num_head_steps=20, noise=noise)
@@ -93,10 +101,7 @@ def test_bf16_weights_with_fp32_head_maths_stay_close_to_fp32(fp32, bf16):
 def test_grouped_sdpa_equals_repeat_kv_attention_and_needs_no_math_fallback(fp32, bf16, dtype):
     bundle = fp32 if dtype == torch.float32 else bf16
     model = bundle.model
-    batch = batch_of(bundle).to("cuda")
-    full_ids, full_mask = append_image_block(batch, bundle.ids)
-    img = torch.randn(4, 16, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    img = torch.cat([img, img])
+    full_ids, full_mask, img = image_sequence(bundle)
     with torch.no_grad():
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
             ours = model.forward_sequence(full_ids, full_mask, img)  # raises if only the math kernel could run

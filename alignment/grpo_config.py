@@ -118,6 +118,7 @@ class GrpoConfig:
             raise ConfigError(f"{where}.samples_per_prompt: a group needs >= 2 samples, got {self.samples_per_prompt}")
         self._validate_sizes(where)
         self.learner.validate(f"{where}.learner")
+        self.rollout.check_attention(self.sampling, where)
         check_sequence_fits(self.sampling.max_prompt_tokens, (self.sampling.image_size,) * 2,
                             model_max_positions(self.model), f"{where}.sampling.max_prompt_tokens")  # fmt: skip
         if self.clip_eps is not None and self.clip_eps <= 0:

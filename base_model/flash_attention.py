@@ -100,15 +100,23 @@ def _(q, k_cache, v_cache, seqlens, leftpad, scale):
 AttentionInterface.register(FLASH_KVCACHE, flash_kvcache_attention)
 
 
+def placement_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why flash cannot run for a model on `device` in `dtype`, or None (known from the settings alone, so a
+    job's config checks it at load, before anything is written: RolloutConfig.check_attention)."""
+    if device.type != "cuda":
+        return f"needs a CUDA device, the model is on {device}"
+    if dtype not in FLASH_DTYPES:
+        return f"needs bf16 or fp16 weights, the model is {dtype}"
+    return None
+
+
 def check_flash(device: torch.device, dtype: torch.dtype, self_cot: bool = False) -> None:
     """One ConfigError naming why `sampling.attention: flash` cannot run for this model, or nothing."""
     where = "sampling.attention: flash"
     if self_cot:
         raise ConfigError(f"{where} does not take Self-CoT batches (rows with holes); use grouped_sdpa")
-    if device.type != "cuda":
-        raise ConfigError(f"{where} needs a CUDA device, the model is on {device}")
-    if dtype not in FLASH_DTYPES:
-        raise ConfigError(f"{where} needs bf16 or fp16 weights, the model is {dtype}")
+    if problem := placement_problem(device, dtype):
+        raise ConfigError(f"{where} {problem}")
     try:
         flash_module()
     except ImportError as e:

@@ -70,6 +70,7 @@ class BuildPrefsConfig:
         if self.samples_per_prompt < 1 or self.prompts_per_shard < 1:
             raise ConfigError(f"{where}: samples_per_prompt and prompts_per_shard must be >= 1")
         self.sampling.validate(f"{where}.sampling")
+        self.rollout.check_attention(self.sampling, where)
         self.pairs.check_group(self.samples_per_prompt, f"{where}.pairs")
         names = [r.name for r in self.rewards.rewards]
         for key, name in [("primary", self.pairs.primary)] + [("agreement_rewards", n) for n in

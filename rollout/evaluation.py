@@ -61,6 +61,7 @@ class EvalSettings:
         if self.thumbnail_size < 8:
             raise ConfigError(f"{where}.thumbnail_size: must be >= 8, got {self.thumbnail_size}")
         self.sampling.validate(f"{where}.sampling")
+        self.rollout.check_attention(self.sampling, where)
         if any(r.normalize.kind == "running" for r in self.rewards.rewards):
             # running statistics depend on the order shards are scored in: scores would not be paired
             raise ConfigError(f"{where}.rewards: evaluation needs fixed normalisation (no 'running')")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from base_model.checkpoint import load_checkpoint, resolve_model
-from base_model.flash_attention import check_flash
+from base_model.flash_attention import check_flash, placement_problem
 from base_model.generate import decode_text, decode_tokens, sample_prompts
 from base_model.sampler import SamplingConfig
 from base_model.text import TextSample
@@ -38,6 +38,15 @@ class RolloutConfig:
             raise ConfigError(f"{where}.micro_batch_samples: must be >= 1")
         if self.device.startswith("cuda") and self.pool.kind == "ray" and self.pool.num_gpus_per_worker <= 0:
             raise ConfigError(f"{where}.pool.num_gpus_per_worker: device {self.device} needs a GPU per Ray worker")
+
+    def check_attention(self, sampling: SamplingConfig, where: str) -> None:
+        """`sampling.attention: flash` where these workers' device and dtype cannot run it: one ConfigError at
+        load (the workers check again, with flash_attn's import, before loading weights)."""
+        if sampling.attention != "flash":
+            return
+        if problem := placement_problem(torch.device(self.device), getattr(torch, self.dtype)):
+            raise ConfigError(f"{where}.sampling.attention: flash {problem} (rollout.device {self.device}, "
+                              f"rollout.dtype {self.dtype})")  # fmt: skip
 
 
 class RolloutWorker:

@@ -175,3 +175,28 @@ def test_a_rollout_worker_asked_for_flash_on_a_cpu_refuses_before_loading_weight
     monkeypatch.setattr(worker_module, "resolve_model", no_load)
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         RolloutWorker("tiny", SamplingConfig(attention="flash"), device="cpu", dtype="bfloat16")
+
+
+@pytest.mark.parametrize(
+    "job, path, extra",
+    [
+        ("build-prefs", "configs/prefs/tiny.yaml", []),
+        ("evaluate", "configs/evaluate/tiny.yaml", []),
+        ("grpo", "configs/grpo/tiny.yaml", []),
+        ("grpo", "configs/grpo/tiny.yaml", ["rollout.device=cuda", "rollout.pool.num_gpus_per_worker=1"]),
+    ],
+)
+def test_a_job_asking_flash_of_workers_that_cannot_run_it_is_refused_at_load(job, path, extra):
+    """The rollout workers' device and dtype are in the config: flash on a CPU, or in fp32, is one line when the
+    config loads, before a run directory exists."""
+    from alignment.grpo_config import GrpoConfig
+    from core.schema import load_config
+    from jobs.build_prefs import BuildPrefsConfig
+    from jobs.evaluate import EvaluateConfig
+
+    cls = {"build-prefs": BuildPrefsConfig, "evaluate": EvaluateConfig, "grpo": GrpoConfig}[job]
+    why = "needs bf16 or fp16 weights" if extra else "needs a CUDA device"
+    with pytest.raises(ConfigError, match=f"sampling.attention: flash {why}"):
+        load_config(cls, path, ["sampling.attention=flash", *extra])
+    load_config(cls, path, ["sampling.attention=flash", "rollout.device=cuda", "rollout.dtype=bfloat16",
+                            "rollout.pool.num_gpus_per_worker=1"])  # fmt: skip
